@@ -1,0 +1,35 @@
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "config/schema.yaml")
+
+
+report: "docs/report/workflow.rst"
+
+
+include: "rules/common.smk"
+include: "rules/models.smk"
+include: "rules/calib.smk"
+include: "rules/autoquant.smk"
+include: "rules/report.smk"
+
+
+wildcard_constraints:
+    model=MODEL_RE,
+    format=FORMAT_RE,
+    scope=SCOPE_RE,
+    size=SIZE_RE,
+
+
+rule all:
+    default_target: True
+    input:
+        cells=all_cell_outputs(),
+        eval_db=rules.coco_eval_subset.output.db,
+        summary=rules.report.output.summary_md,
+        plots=expand(rules.sensitivity_plot.output.png, model=GRID["models"]),

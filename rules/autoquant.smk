@@ -1,0 +1,57 @@
+# AutoQuantize cells: samples are encoded once per (model, scope, size) and shared by every format.
+
+
+rule prepare_samples:
+    input:
+        unpack(checkpoint_input),
+        unpack(demo_coco_input),
+        db=rules.coco_subset.output.db,
+    output:
+        samples=f"{OUT}/samples/{{model}}/{{scope}}/{{size}}/samples.pt",
+    params:
+        checkpoint=checkpoint_of,
+        coco_root=coco_root(),
+        prompts=dict(sorted(config["prompts"].items())),
+    threads: 1
+    log:
+        f"{LOGS}/prepare_samples/{{model}}/{{scope}}/{{size}}.log",
+    benchmark:
+        f"{BENCH}/prepare_samples/{{model}}/{{scope}}/{{size}}.tsv"
+    conda:
+        CONDA_ENV
+    script:
+        "../workflow/scripts/prepare_samples.py"
+
+
+rule autoquant:
+    input:
+        unpack(checkpoint_input),
+        samples=rules.prepare_samples.output.samples,
+        db=rules.coco_subset.output.db,
+    output:
+        json=f"{CELL_DIR}/per-layer-sensitivity.json",
+        markdown=f"{CELL_DIR}/per-layer-sensitivity.md",
+        manifest=f"{CELL_DIR}/quant_manifest.json",
+        state=f"{CELL_DIR}/autoquant_state.pt",
+    params:
+        checkpoint=checkpoint_of,
+        model_cfg=lambda wildcards: dict(sorted(config["models"][wildcards.model].items())),
+        formats_cfg=dict(sorted(config.get("formats", {}).items())),
+        autoquant_cfg=dict(sorted(config["autoquant"].items())),
+        seed=config["seed"],
+        extensions_cache=f"{OUT}/.cache/torch_extensions",
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=64000,
+        runtime=60,
+        batch_size=batch_size_for_attempt,
+    retries: 2
+    log:
+        f"{LOGS}/autoquant/{{model}}/{{format}}/{{scope}}/{{size}}.log",
+    benchmark:
+        f"{BENCH}/autoquant/{{model}}/{{format}}/{{scope}}/{{size}}.tsv"
+    conda:
+        CONDA_ENV
+    script:
+        "../workflow/scripts/autoquant.py"

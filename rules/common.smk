@@ -1,0 +1,94 @@
+# Helpers, constraints, cell enumeration and input functions. Rules live in the other .smk files.
+import re
+import sys
+
+from vlmsens.config import check_config, grid_cells, is_demo_coco, is_demo_model
+from vlmsens.errors import VlmsensError
+
+try:
+    check_config(config)
+except VlmsensError as err:
+    sys.exit(f"vlmsens: configuration error: {err}")
+
+OUT = config["outdir"].rstrip("/")
+LOGS = f"{OUT}/logs"
+BENCH = f"{OUT}/benchmarks"
+CONDA_ENV = "../envs/vlmsens.yaml"
+CELL_DIR = OUT + "/autoquant/{model}/{format}/{scope}/{size}"
+GRID = config["grid"]
+
+
+def _one_of(values):
+    return "|".join(re.escape(v) for v in sorted(values, key=len, reverse=True))
+
+
+MODEL_RE = _one_of(GRID["models"])
+FORMAT_RE = _one_of(GRID["formats"])
+SCOPE_RE = _one_of(GRID["scopes"])
+SIZE_RE = _one_of(GRID["sizes"])
+
+
+def cell_paths(cell):
+    base = CELL_DIR.format(model=cell.model, format=cell.format, scope=cell.scope, size=cell.size)
+    return {
+        "json": f"{base}/per-layer-sensitivity.json",
+        "markdown": f"{base}/per-layer-sensitivity.md",
+        "manifest": f"{base}/quant_manifest.json",
+        "state": f"{base}/autoquant_state.pt",
+    }
+
+
+def all_cell_outputs():
+    return [path for cell in grid_cells(config) for path in cell_paths(cell).values()]
+
+
+def all_manifests():
+    return [cell_paths(cell)["manifest"] for cell in grid_cells(config)]
+
+
+def coco_root():
+    """The COCO root the subset rules read: generated for the demo, configured otherwise."""
+    if is_demo_coco(config):
+        return f"{OUT}/inputs/coco"
+    return config["coco"]["root"]
+
+
+def coco_annotations(split):
+    return f"{coco_root()}/annotations/captions_{split}.json"
+
+
+def subset_inputs(wildcards):
+    if config["coco"].get("prebuilt_dir"):
+        return {"db": f"{config['coco']['prebuilt_dir']}/coco2017_vlm_calib_{wildcards.size}.db"}
+    if is_demo_coco(config):
+        return {"coco": rules.demo_coco.output.root}
+    return {"annotations": coco_annotations(config["coco"]["calib_split"])}
+
+
+def eval_subset_inputs(wildcards):
+    if is_demo_coco(config):
+        return {"coco": rules.demo_coco.output.root}
+    return {"annotations": coco_annotations(config["coco"]["eval_split"])}
+
+
+def demo_coco_input(wildcards):
+    """Cells that read images depend on the generated tree in the demo; real COCO is no rule output."""
+    return {"coco": rules.demo_coco.output.root} if is_demo_coco(config) else {}
+
+
+def checkpoint_input(wildcards):
+    """A built demo checkpoint is a rule output; a real one is a folder or HF id (no input)."""
+    if is_demo_model(config, wildcards.model):
+        return {"checkpoint": rules.demo_checkpoint.output.checkpoint.format(model=wildcards.model)}
+    return {}
+
+
+def checkpoint_of(wildcards):
+    if is_demo_model(config, wildcards.model):
+        return rules.demo_checkpoint.output.checkpoint.format(model=wildcards.model)
+    return config["models"][wildcards.model]["checkpoint"]
+
+
+def batch_size_for_attempt(wildcards, attempt):
+    """Each retry after a failure (e.g. CUDA out of memory) halves the batch."""
+    return max(1, config["autoquant"]["batch_size"] // 2 ** (attempt - 1))

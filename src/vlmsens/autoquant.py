@@ -1,0 +1,285 @@
+"""One AutoQuantize cell: model × format × scope × size → per-group sensitivity and selection.
+
+What this adds to a plain ``mtq.auto_quantize`` call, and why:
+
+* the loss is summed over caption tokens only, and ``lm_head`` runs on those positions only;
+* every calibration sample is used for calibration *and* scoring (sizes stay distinct);
+* ``lm-only`` keeps the vision tower out of the search and out of the bit budget;
+* the raw per-format score of every group is read before ModelOpt's monotone clipping, so FP8
+  and INT8 sensitivities are both visible, and is normalised per caption token;
+* the solver's selected format per group is recorded, not the candidate list.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .batches import IGNORE_INDEX
+from .errors import VlmsensError
+from .families import Family, block_index, sublayer_of, tower_of
+from .formats import FormatSpec
+
+log = logging.getLogger(__name__)
+
+SCOPES = ("lm-only", "all-layers")
+METHODS = ("gradient", "kl_div")
+NO_QUANT = "bf16"
+
+
+@dataclass
+class CellSpec:
+    model: str
+    family: Family
+    checkpoint: str
+    format_name: str
+    formats: list[FormatSpec]
+    scope: str
+    size: str
+    effective_bits: float
+    method: str = "gradient"
+    batch_size: int = 4
+    device: str = "auto"
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.scope not in SCOPES:
+            raise VlmsensError(f"unknown scope {self.scope!r}; use one of {SCOPES}")
+        if self.method not in METHODS:
+            raise VlmsensError(f"autoquant.method must be one of {METHODS}, got {self.method!r}")
+        if not 0 < self.effective_bits <= 16:
+            raise VlmsensError(f"effective bits target must be in (0, 16], got {self.effective_bits}")
+
+
+@dataclass
+class PhaseClock:
+    """Wall time per phase and a progress line at each phase change."""
+
+    progress: Callable[[str], None]
+    times: dict[str, float] = field(default_factory=dict)
+    _phase: str | None = None
+    _start: float = 0.0
+
+    def enter(self, phase: str | None, detail: str = "") -> None:
+        if phase == self._phase:
+            return
+        now = time.perf_counter()
+        if self._phase is not None:
+            self.times[self._phase] = self.times.get(self._phase, 0.0) + now - self._start
+            self.progress(f"{self._phase} done in {self.times[self._phase]:.2f} s")
+        self._phase, self._start = phase, now
+        if phase is not None:
+            self.progress(f"{phase} ..." + (f" {detail}" if detail else ""))
+
+    def stop(self) -> dict[str, float]:
+        self.enter(None)
+        return {k: round(v, 4) for k, v in self.times.items()}
+
+
+def _to_device(batch: dict, device: str, dtype) -> dict:
+    import torch
+
+    moved = {}
+    for key, value in batch.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        value = value.to(device, non_blocking=True)
+        if value.is_floating_point():
+            value = value.to(dtype)
+        moved[key] = value
+    return moved
+
+
+def caption_logits(model, batch: dict):
+    """Logits at the positions that predict caption tokens, and their targets.
+
+    The backbone runs on the whole sequence; ``lm_head`` only on the positions whose next token
+    is a caption token, which saves the (tokens × vocab) product everywhere else.
+    """
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = model.model(**inputs, use_cache=False).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE_INDEX
+    logits = model.lm_head(hidden[:, :-1][mask])
+    return logits, targets[mask]
+
+
+def _recipe_name_map(formats: list[FormatSpec]):
+    from modelopt.torch.quantization.algorithms import QuantRecipe
+
+    mapping = {QuantRecipe(quant_cfg=None): NO_QUANT}
+    for spec in formats:
+        mapping[QuantRecipe(spec.modelopt_config, name=spec.name)] = spec.name
+    return mapping
+
+
+def _name_of(recipe, mapping) -> str:
+    for known, name in mapping.items():
+        if recipe == known:
+            return name
+    return str(recipe)
+
+
+def run_autoquant(
+    spec: CellSpec,
+    samples: list[dict],
+    *,
+    progress: Callable[[str], None] = log.info,
+    state_path: str | None = None,
+) -> dict[str, Any]:
+    """Run AutoQuantize on one cell and return the manifest body (scores, selection, timings)."""
+    import torch
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.opt.utils import named_hparams
+    from modelopt.torch.quantization.algorithms import QuantRecipe, QuantRecipeHparam
+
+    from .batches import batch_stats, make_batches
+    from .models import dtype_for, load_model, pick_device
+
+    spec.validate()
+    device = pick_device(spec.device)
+    dtype = dtype_for(device)
+    clock = PhaseClock(progress)
+    torch.manual_seed(spec.seed)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+    clock.enter("load", spec.checkpoint)
+    model = load_model(spec.checkpoint, device)
+    pad_id = model.config.text_config.pad_token_id
+    if pad_id is None:
+        pad_id = 0
+    batches = [_to_device(b, device, dtype) for b in make_batches(samples, spec.batch_size, pad_id)]
+    stats = batch_stats(batches)
+    if spec.scope == "all-layers" and "pixel_values" not in batches[0]:
+        raise VlmsensError("scope all-layers needs image+caption samples, but the prepared samples are text-only")
+
+    def forward_step(model, batch):
+        clock.enter("score" if torch.is_inference_mode_enabled() else "calibrate")
+        logits, _ = caption_logits(model, batch)
+        return logits
+
+    def forward_backward_step(model, batch):
+        clock.enter("score")
+        logits, targets = caption_logits(model, batch)
+        # Summed, not averaged: each caption token weighs the same whatever the batch composition.
+        loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+        loss.backward()
+
+    constraints: dict[str, Any] = {"effective_bits": float(spec.effective_bits)}
+    disabled = None
+    if spec.scope == "lm-only":
+        disabled = list(spec.family.vision_patterns)
+        constraints["cost"] = {"excluded_module_name_patterns": list(spec.family.vision_patterns)}
+
+    formats_cfg = [f.modelopt_config for f in spec.formats]
+    n_steps = len(batches)
+    clock.enter("calibrate", f"{stats['samples']} samples in {n_steps} batches, {stats['tokens']} tokens")
+    try:
+        model, search_state = mtq.auto_quantize(
+            model,
+            constraints=constraints,
+            quantization_formats=formats_cfg,
+            data_loader=batches,
+            forward_step=forward_step,
+            forward_backward_step=forward_backward_step if spec.method == "gradient" else None,
+            disabled_layers=disabled,
+            num_calib_steps=n_steps,
+            num_score_steps=n_steps,
+            method=spec.method,
+            verbose=False,
+        )
+    except torch.cuda.OutOfMemoryError as err:
+        raise VlmsensError(
+            f"CUDA out of memory at batch size {spec.batch_size}; a retry with a smaller batch may succeed ({err})"
+        ) from err
+    clock.enter("solve")
+
+    mapping = _recipe_name_map(spec.formats)
+    best = search_state["best"]
+    hparams = {name: hp for name, hp in named_hparams(model, unique=True) if isinstance(hp, QuantRecipeHparam)}
+    no_quant = QuantRecipe(quant_cfg=None)
+    groups = []
+    excluded = []
+    for name, stat in search_state["candidate_stats"].items():
+        hparam = hparams[name]
+        layer = name.removesuffix(".quant_recipe")
+        modules = list(stat["module_names"])
+        searched = [r for r in stat["formats"] if r != no_quant]
+        if not searched:
+            excluded.append({"layer": layer, "modules": modules, "tower": tower_of(layer, spec.family.vision_patterns)})
+            continue
+        raw = {_name_of(r, mapping): float(hparam.get_score(r)) for r in searched}
+        per_token = {k: v / max(stats["loss_tokens"], 1) for k, v in raw.items()}
+        clipped = {_name_of(r, mapping): float(s) for r, s in zip(stat["formats"], stat["scores"]) if r != no_quant}
+        costs = {_name_of(r, mapping): float(c) for r, c in zip(stat["formats"], stat["costs"])}
+        selected = _name_of(best["recipe"][name], mapping)
+        groups.append(
+            {
+                "layer": layer,
+                "modules": modules,
+                "tower": tower_of(modules[0], spec.family.vision_patterns),
+                "block": block_index(modules[0]),
+                "sublayer": sublayer_of(layer, modules),
+                "scores_raw": raw,
+                "scores_per_token": per_token,
+                "scores_modelopt_clipped": clipped,
+                "costs": costs,
+                "uncompressed_cost": float(stat.get("uncompressed_cost", costs.get(NO_QUANT, 0.0))),
+                "cost_weight": float(stat.get("cost_weight", 1.0)),
+                "selected_format": selected,
+            }
+        )
+    if state_path is not None:
+        torch.save(search_state, state_path)
+    peak = _peak_memory(device)
+    timings = clock.stop()
+    return {
+        "device": _device_info(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "batches": stats,
+        "search": {
+            "method": spec.method,
+            "constraints": constraints,
+            "disabled_layers": disabled or [],
+            "num_calib_steps": n_steps,
+            "num_score_steps": n_steps,
+            "effective_bits_target": float(spec.effective_bits),
+            "effective_bits_achieved": float(best["constraints"].get("effective_bits", math.nan)),
+            "score": float(best["score"]),
+            "is_satisfied": bool(best["is_satisfied"]),
+        },
+        "groups": groups,
+        "excluded_groups": excluded,
+        "timings_s": timings,
+        "peak_memory": peak,
+    }
+
+
+def _peak_memory(device: str) -> dict[str, float]:
+    import resource
+
+    out = {"host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+    if device.startswith("cuda"):
+        import torch
+
+        out["gpu_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        out["gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+    return out
+
+
+def _device_info(device: str) -> dict[str, Any]:
+    import platform
+
+    import torch
+
+    info: dict[str, Any] = {"device": device, "host": platform.node(), "cpu_threads": torch.get_num_threads()}
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        info.update(name=props.name, total_memory_gib=round(props.total_memory / 2**30, 2), cuda=torch.version.cuda)
+    else:
+        info["name"] = platform.processor() or platform.machine()
+    return info

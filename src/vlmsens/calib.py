@@ -1,0 +1,410 @@
+"""COCO 2017 calibration subsets: nested, seeded, validated, written atomically.
+
+Contract (DESIGN §3): one SQLite DB per size with the legacy ``vlm_calib_samples`` table plus a
+``meta`` table, and a captions text file with the same captions in the same order. Subsets of one
+config are nested (small ⊂ medium ⊂ large, prefix order); the held-out evaluation subset never
+shares an image with a calibration subset.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from . import __version__
+from .errors import VlmsensError
+from .io import atomic_path, atomic_write_text, sha256_file
+
+log = logging.getLogger(__name__)
+
+SAMPLES_TABLE = "vlm_calib_samples"
+SAMPLE_COLUMNS = ("id", "split", "image_relpath", "image_id", "caption_id", "caption")
+_CREATE_SAMPLES = f"""
+CREATE TABLE {SAMPLES_TABLE} (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    split TEXT NOT NULL,
+    image_relpath TEXT NOT NULL,
+    image_id INTEGER NOT NULL,
+    caption_id INTEGER NOT NULL,
+    caption TEXT NOT NULL
+)"""
+_CREATE_META = "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)"
+# How many offending entries an error lists before it only counts the rest.
+MAX_LISTED = 10
+
+
+@dataclass(frozen=True)
+class CalibSample:
+    split: str
+    image_relpath: str
+    image_id: int
+    caption_id: int
+    caption: str
+
+
+@dataclass
+class Selection:
+    samples: list[CalibSample]
+    skipped: list[dict] = field(default_factory=list)
+
+
+def normalise_caption(text: str) -> str:
+    """One line, single spaces: captions become one line of the captions file."""
+    return re.sub(r"\s+", " ", text or "").strip()
+
+
+def load_annotations(path: str | Path) -> tuple[dict[int, str], dict[int, list[tuple[int, str]]]]:
+    """File name per image id, and (caption id, caption) pairs per image id, from a COCO captions JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise VlmsensError(f"COCO captions file not found: {path}. Check coco.root in the config.")
+    try:
+        data = json.loads(path.read_bytes())
+    except json.JSONDecodeError as err:
+        raise VlmsensError(f"COCO captions file {path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+        raise VlmsensError(f"COCO captions file {path} lacks the 'images' or 'annotations' list.")
+    file_names = {int(img["id"]): str(img["file_name"]) for img in data["images"]}
+    captions: dict[int, list[tuple[int, str]]] = {}
+    for ann in data["annotations"]:
+        captions.setdefault(int(ann["image_id"]), []).append((int(ann["id"]), str(ann.get("caption", ""))))
+    del data
+    return file_names, captions
+
+
+def unsafe_path_reason(relpath: str) -> str | None:
+    """Why ``relpath`` may not be used as a path relative to the COCO root, or None."""
+    posix = PurePosixPath(relpath.replace("\\", "/"))
+    if posix.is_absolute() or re.match(r"^[A-Za-z]:", relpath):
+        return "absolute path"
+    if ".." in posix.parts:
+        return "path escapes the COCO root ('..')"
+    return None
+
+
+def image_problem(coco_root: Path, relpath: str, *, decode: bool = True) -> str | None:
+    """Why ``relpath`` is not a usable image under ``coco_root``, or None when it is."""
+    reason = unsafe_path_reason(relpath)
+    if reason:
+        return reason
+    root = coco_root.resolve()
+    full = (root / relpath).resolve()
+    if root not in full.parents:
+        return "path escapes the COCO root (symbolic link)"
+    if not full.is_file():
+        return "file not found"
+    if decode:
+        from PIL import Image
+
+        try:
+            with Image.open(full) as img:
+                img.load()
+        except Exception as err:  # PIL raises many types for corrupt data
+            return f"cannot decode image ({type(err).__name__}: {err})"
+    return None
+
+
+def _candidate_order(image_ids: list[int], seed: int, salt: int) -> list[int]:
+    """A seeded permutation of sorted image ids; the same on any machine for the same inputs."""
+    rng = np.random.default_rng([seed, salt])
+    ordered = np.array(sorted(image_ids), dtype=np.int64)
+    return ordered[rng.permutation(len(ordered))].tolist()
+
+
+def _pick_caption(captions: list[tuple[int, str]], seed: int, image_id: int) -> tuple[int, str] | None:
+    usable = sorted((cid, normalise_caption(text)) for cid, text in captions if normalise_caption(text))
+    if not usable:
+        return None
+    rng = np.random.default_rng([seed, image_id])
+    return usable[int(rng.integers(len(usable)))]
+
+
+def select_samples(
+    coco_root: str | Path,
+    split: str,
+    num_samples: int,
+    seed: int,
+    *,
+    on_bad_image: str = "error",
+    exclude_image_ids: frozenset[int] = frozenset(),
+    salt: int = 0,
+    decode_images: bool = True,
+    annotations: tuple[dict, dict] | None = None,
+) -> Selection:
+    """The first ``num_samples`` usable images of the seeded order, one caption each.
+
+    Taking a prefix of one fixed order makes subsets of different sizes nested. A bad candidate
+    (missing file, undecodable, path outside the root, no non-empty caption) raises, or with
+    ``on_bad_image='replace'`` is skipped for the next candidate and recorded in ``skipped``.
+    """
+    if num_samples <= 0:
+        raise VlmsensError(f"sample count must be positive, got {num_samples}")
+    if on_bad_image not in ("error", "replace"):
+        raise VlmsensError(f"coco.on_bad_image must be 'error' or 'replace', got {on_bad_image!r}")
+    root = Path(coco_root)
+    file_names, captions = annotations or load_annotations(root / "annotations" / f"captions_{split}.json")
+    order = [i for i in _candidate_order(list(captions), seed, salt) if i not in exclude_image_ids]
+    samples: list[CalibSample] = []
+    skipped: list[dict] = []
+    problems: list[str] = []
+    considered = 0  # candidates counted against the subset: usable ones, plus bad ones in error mode
+    for image_id in order:
+        if considered == num_samples:
+            break
+        file_name = file_names.get(image_id)
+        if file_name is None:
+            relpath, problem = None, "image id has no entry in 'images'"
+        elif reason := unsafe_path_reason(file_name):
+            relpath, problem = file_name, reason  # reported as written in the annotations
+        else:
+            relpath = f"{split}/{file_name}"
+            problem = image_problem(root, relpath, decode=decode_images)
+        picked = None if problem else _pick_caption(captions[image_id], seed, image_id)
+        if problem is None and picked is None:
+            problem = "no non-empty caption"
+        if problem:
+            entry = {"image_id": image_id, "path": relpath, "problem": problem}
+            if on_bad_image == "error":
+                # A bad candidate still takes its place, so the error lists every bad entry
+                # of the subset as requested, not just the first.
+                problems.append(f"{relpath or image_id}: {problem}")
+                considered += 1
+            else:
+                skipped.append(entry)
+            continue
+        samples.append(CalibSample(split, relpath, image_id, picked[0], picked[1]))
+        considered += 1
+    if problems:
+        listed = "\n  ".join(problems[:MAX_LISTED])
+        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        raise VlmsensError(
+            f"{len(problems)} bad calibration image(s) in {root}/{split} among the first "
+            f"{num_samples} candidates:\n  {listed}{more}\n"
+            "Fix the files, or set coco.on_bad_image: replace to skip them deterministically."
+        )
+    if len(samples) < num_samples:
+        raise VlmsensError(
+            f"only {len(samples)} usable images in {root}/{split} for a subset of {num_samples} "
+            f"({len(skipped)} skipped); lower the size in the config's 'sizes' or fix the data."
+        )
+    return Selection(samples=samples, skipped=skipped)
+
+
+def write_calib_db(path: str | Path, samples: list[CalibSample], meta: dict[str, object]) -> None:
+    """Write the DB atomically: a reader never sees a half-written file under ``path``."""
+    with atomic_path(path) as tmp:
+        tmp.unlink()
+        con = sqlite3.connect(tmp)
+        try:
+            con.execute(_CREATE_SAMPLES)
+            con.execute(_CREATE_META)
+            con.executemany(
+                f"INSERT INTO {SAMPLES_TABLE} (split, image_relpath, image_id, caption_id, caption) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(s.split, s.image_relpath, s.image_id, s.caption_id, s.caption) for s in samples],
+            )
+            con.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?)",
+                [(k, v if isinstance(v, str) else json.dumps(v)) for k, v in sorted(meta.items())],
+            )
+            con.commit()
+        finally:
+            con.close()
+
+
+def write_captions(path: str | Path, samples: list[CalibSample]) -> None:
+    atomic_write_text(path, "".join(s.caption + "\n" for s in samples))
+
+
+def read_calib_db(path: str | Path) -> tuple[list[CalibSample], dict[str, str]]:
+    """Rows in id order and the meta table (empty for legacy DBs without one)."""
+    path = Path(path)
+    if not path.is_file():
+        raise VlmsensError(f"calibration DB not found: {path}")
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if SAMPLES_TABLE not in tables:
+                raise VlmsensError(
+                    f"{path} has no table {SAMPLES_TABLE!r} (tables: {sorted(tables)}); "
+                    "it is not a calibration DB of this schema."
+                )
+            columns = [r[1] for r in con.execute(f"PRAGMA table_info({SAMPLES_TABLE})")]
+            missing = [c for c in SAMPLE_COLUMNS if c not in columns]
+            if missing:
+                raise VlmsensError(f"{path}: table {SAMPLES_TABLE} lacks column(s) {missing}")
+            rows = con.execute(
+                f"SELECT split, image_relpath, image_id, caption_id, caption FROM {SAMPLES_TABLE} ORDER BY id"
+            ).fetchall()
+            meta = dict(con.execute("SELECT key, value FROM meta").fetchall()) if "meta" in tables else {}
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as err:
+        raise VlmsensError(f"{path} is not a readable SQLite DB: {err}") from None
+    samples = [CalibSample(str(s), str(p), int(i), int(c), str(t)) for s, p, i, c, t in rows]
+    return samples, meta
+
+
+def _validate_rows(samples: list[CalibSample], coco_root: Path, source: Path, decode: bool) -> None:
+    problems = []
+    for s in samples:
+        problem = image_problem(coco_root, s.image_relpath, decode=decode)
+        if problem is None and not normalise_caption(s.caption):
+            problem = "empty caption"
+        if problem:
+            problems.append(f"{s.image_relpath}: {problem}")
+    seen, repeats = set(), []
+    for s in samples:
+        if s.image_relpath in seen:
+            repeats.append(s.image_relpath)
+        seen.add(s.image_relpath)
+    if repeats:
+        problems.append(f"{len(repeats)} image(s) repeated, e.g. {repeats[0]}")
+    if problems:
+        listed = "\n  ".join(problems[:MAX_LISTED])
+        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        raise VlmsensError(
+            f"pre-built calibration DB {source}: {len(problems)} problem(s) against COCO root {coco_root}:\n"
+            f"  {listed}{more}"
+        )
+
+
+def build_subset(
+    *,
+    coco_root: str | Path,
+    split: str,
+    size_name: str,
+    num_samples: int,
+    seed: int,
+    db_path: str | Path,
+    captions_path: str | Path,
+    on_bad_image: str = "error",
+    eval_split: str | None = None,
+    eval_images: int = 0,
+    prebuilt_dir: str | Path | None = None,
+    decode_images: bool = True,
+) -> dict[str, object]:
+    """Write one calibration subset (DB + captions) and return its meta."""
+    root = Path(coco_root)
+    if prebuilt_dir:
+        return import_prebuilt(
+            prebuilt_dir=prebuilt_dir,
+            size_name=size_name,
+            num_samples=num_samples,
+            coco_root=root,
+            db_path=db_path,
+            captions_path=captions_path,
+            decode_images=decode_images,
+        )
+    annotation_file = root / "annotations" / f"captions_{split}.json"
+    annotations = load_annotations(annotation_file)
+    exclude: frozenset[int] = frozenset()
+    if eval_split == split and eval_images:
+        # Same split for both: the held-out images are removed from the calibration candidates.
+        held_out = select_samples(
+            root, split, eval_images, seed, on_bad_image="replace", salt=1,
+            decode_images=False, annotations=annotations,
+        )
+        exclude = frozenset(s.image_id for s in held_out.samples)
+    selection = select_samples(
+        root, split, num_samples, seed, on_bad_image=on_bad_image, exclude_image_ids=exclude,
+        decode_images=decode_images, annotations=annotations,
+    )
+    meta = {
+        "source_dataset": "coco2017",
+        "size_name": size_name,
+        "num_samples": str(num_samples),
+        "random_seed": str(seed),
+        "split": split,
+        "role": "calibration",
+        "selection": "seeded permutation of image ids, prefix order (nested across sizes), one caption per image",
+        "annotation_file": str(annotation_file.relative_to(root)),
+        "annotation_sha256": sha256_file(annotation_file),
+        "on_bad_image": on_bad_image,
+        "skipped": selection.skipped,
+        "excluded_held_out_images": len(exclude),
+        "tool": f"vlmsens {__version__}",
+    }
+    write_calib_db(db_path, selection.samples, meta)
+    write_captions(captions_path, selection.samples)
+    log.info("%s subset: %d samples from %s (%d skipped)", size_name, num_samples, split, len(selection.skipped))
+    return meta
+
+
+def build_eval_subset(
+    *,
+    coco_root: str | Path,
+    split: str,
+    num_images: int,
+    seed: int,
+    db_path: str | Path,
+    captions_path: str | Path,
+    on_bad_image: str = "error",
+    decode_images: bool = True,
+) -> dict[str, object]:
+    """The held-out evaluation subset; salt 1 keeps its order independent of calibration's."""
+    root = Path(coco_root)
+    annotation_file = root / "annotations" / f"captions_{split}.json"
+    selection = select_samples(
+        root, split, num_images, seed, on_bad_image=on_bad_image, salt=1, decode_images=decode_images
+    )
+    meta = {
+        "source_dataset": "coco2017",
+        "size_name": "eval",
+        "num_samples": str(num_images),
+        "random_seed": str(seed),
+        "split": split,
+        "role": "held-out evaluation",
+        "annotation_file": str(annotation_file.relative_to(root)),
+        "annotation_sha256": sha256_file(annotation_file),
+        "on_bad_image": on_bad_image,
+        "skipped": selection.skipped,
+        "tool": f"vlmsens {__version__}",
+    }
+    write_calib_db(db_path, selection.samples, meta)
+    write_captions(captions_path, selection.samples)
+    return meta
+
+
+def import_prebuilt(
+    *,
+    prebuilt_dir: str | Path,
+    size_name: str,
+    num_samples: int,
+    coco_root: Path,
+    db_path: str | Path,
+    captions_path: str | Path,
+    decode_images: bool = True,
+) -> dict[str, object]:
+    """Accept a pre-built DB (e.g. the legacy tool's) after validating its schema and images."""
+    source = Path(prebuilt_dir) / f"coco2017_vlm_calib_{size_name}.db"
+    samples, source_meta = read_calib_db(source)
+    if len(samples) != num_samples:
+        raise VlmsensError(
+            f"pre-built DB {source} holds {len(samples)} rows but sizes.{size_name} is {num_samples}; "
+            "make the config's size match the file."
+        )
+    _validate_rows(samples, coco_root, source, decode_images)
+    samples = [CalibSample(s.split, s.image_relpath, s.image_id, s.caption_id, normalise_caption(s.caption)) for s in samples]
+    meta = {
+        "source_dataset": source_meta.get("source_dataset", "coco2017"),
+        "size_name": size_name,
+        "num_samples": str(len(samples)),
+        "random_seed": source_meta.get("random_seed", "unknown (pre-built)"),
+        "split": ",".join(sorted({s.split for s in samples})),
+        "role": "calibration",
+        "prebuilt_from": str(source),
+        "prebuilt_sha256": sha256_file(source),
+        "prebuilt_had_meta": bool(source_meta),
+        "tool": f"vlmsens {__version__}",
+    }
+    write_calib_db(db_path, samples, meta)
+    write_captions(captions_path, samples)
+    return meta

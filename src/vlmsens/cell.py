@@ -1,0 +1,179 @@
+"""Job-level entry points: what one Snakemake job of each rule does, minus the Snakemake object."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import VlmsensError
+from .io import atomic_path, atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def prepare_samples(
+    *,
+    checkpoint: str,
+    calib_db: str,
+    coco_root: str | None,
+    scope: str,
+    prompts: dict[str, Any],
+    out_path: str,
+    progress: Callable[[str], None] = log.info,
+) -> dict[str, Any]:
+    """Encode a calibration subset for one (model, scope): shared by every format's cell."""
+    from .batches import PromptSettings, encode_samples, save_samples
+    from .calib import read_calib_db
+    from .models import load_processor
+
+    samples, db_meta = read_calib_db(calib_db)
+    if not samples:
+        raise VlmsensError(f"calibration DB {calib_db} holds no samples")
+    with_image = scope == "all-layers"
+    if with_image and not coco_root:
+        raise VlmsensError("scope all-layers needs coco.root to read the images")
+    settings = PromptSettings(
+        image_instruction=prompts["image_instruction"],
+        text_instruction=prompts["text_instruction"],
+        min_pixels=int(prompts["min_pixels"]),
+        max_pixels=int(prompts["max_pixels"]),
+    )
+    progress(f"preprocess: {len(samples)} samples, {'image+caption' if with_image else 'caption only'}")
+    processor = load_processor(checkpoint)
+    encoded = encode_samples(processor, samples, Path(coco_root) if coco_root else None, with_image, settings, progress)
+    meta = {
+        "scope": scope,
+        "modality": "image+caption" if with_image else "caption only",
+        "num_samples": len(encoded),
+        "calib_db": str(calib_db),
+        "calib_meta": db_meta,
+        "prompts": dict(sorted(prompts.items())),
+        "loss_tokens": int(sum(int((s["labels"] != -100).sum()) for s in encoded)),
+        "tokens": int(sum(s["input_ids"].shape[0] for s in encoded)),
+    }
+    save_samples(out_path, encoded, meta)
+    progress(f"preprocess: wrote {out_path} ({meta['tokens']} tokens, {meta['loss_tokens']} caption tokens)")
+    return meta
+
+
+def run_cell(
+    *,
+    model_name: str,
+    model_cfg: dict[str, Any],
+    checkpoint: str,
+    format_name: str,
+    formats_cfg: dict[str, Any],
+    scope: str,
+    size: str,
+    autoquant_cfg: dict[str, Any],
+    batch_size: int,
+    seed: int,
+    samples_path: str,
+    calib_db: str,
+    outputs: dict[str, str],
+    progress: Callable[[str], None] = log.info,
+) -> dict[str, Any]:
+    """Run one AutoQuantize cell and write its four files (JSON, Markdown, manifest, state)."""
+    import torch
+
+    from . import provenance
+    from .autoquant import CellSpec, run_autoquant
+    from .batches import load_samples
+    from .calib import read_calib_db
+    from .families import get_family
+    from .formats import format_bits, format_registry, resolve_format
+
+    started = time.perf_counter()
+    registry = format_registry(formats_cfg)
+    formats = resolve_format(format_name, registry)
+    bits_by_format = autoquant_cfg.get("effective_bits", {})
+    if format_name not in bits_by_format:
+        raise VlmsensError(f"autoquant.effective_bits has no target for format {format_name!r}; add one to the config")
+    spec = CellSpec(
+        model=model_name,
+        family=get_family(model_cfg["family"]),
+        checkpoint=checkpoint,
+        format_name=format_name,
+        formats=formats,
+        scope=scope,
+        size=size,
+        effective_bits=float(bits_by_format[format_name]),
+        method=autoquant_cfg.get("method", "gradient"),
+        batch_size=batch_size,
+        device=autoquant_cfg.get("device", "auto"),
+        seed=seed,
+    )
+    samples, samples_meta = load_samples(samples_path)
+    if samples_meta.get("scope") != scope:
+        raise VlmsensError(f"{samples_path} was prepared for scope {samples_meta.get('scope')!r}, not {scope!r}")
+    _, db_meta = read_calib_db(calib_db)
+    progress(f"cell {model_name}/{format_name}/{scope}/{size}: {len(samples)} samples, batch size {batch_size}")
+
+    with atomic_path(outputs["state"]) as state_tmp:
+        result = run_autoquant(spec, samples, progress=progress, state_path=str(state_tmp))
+        manifest = {
+            "schema_version": 1,
+            "cell": {
+                "model": model_name,
+                "family": spec.family.name,
+                "checkpoint": checkpoint,
+                "format": format_name,
+                "candidates": [f.name for f in formats],
+                "scope": scope,
+                "size": size,
+            },
+            "config": {
+                "effective_bits": spec.effective_bits,
+                "method": spec.method,
+                "batch_size": batch_size,
+                "seed": seed,
+                "prompts": samples_meta.get("prompts"),
+                "autoquant": autoquant_cfg,
+            },
+            "formats": {
+                f.name: {"base": f.base, "description": f.description, "bits": format_bits(f), "modelopt_config": _jsonable(f.modelopt_config)}
+                for f in formats
+            },
+            "dataset": {**db_meta, "calib_db": str(calib_db), "samples_file": str(samples_path)},
+            **result,
+        }
+        manifest["provenance"] = provenance.collect(
+            {"samples": samples_path, "calib_db": calib_db}, checkpoint=checkpoint
+        )
+        manifest["provenance"]["wall_time_s"] = round(time.perf_counter() - started, 3)
+        manifest["provenance"]["torch_threads"] = torch.get_num_threads()
+        write_cell_reports(manifest, outputs)
+    progress(
+        f"write: done; effective bits {manifest['search']['effective_bits_achieved']:.3f} "
+        f"(target {spec.effective_bits}), satisfied={manifest['search']['is_satisfied']}"
+    )
+    return manifest
+
+
+def write_cell_reports(manifest: dict[str, Any], outputs: dict[str, str]) -> None:
+    """JSON, Markdown and manifest, each written atomically; the manifest last."""
+    from .render import sensitivity_json, sensitivity_markdown
+
+    atomic_write_json(outputs["json"], sensitivity_json(manifest))
+    atomic_write_text(outputs["markdown"], sensitivity_markdown(manifest))
+    atomic_write_json(outputs["manifest"], manifest)
+
+
+def rerender(manifest_path: str, json_out: str, markdown_out: str) -> None:
+    """The report-only path: JSON and Markdown again from quant_manifest.json alone."""
+    from .render import sensitivity_json, sensitivity_markdown
+
+    manifest = json.loads(Path(manifest_path).read_text())
+    atomic_write_json(json_out, sensitivity_json(manifest))
+    atomic_write_text(markdown_out, sensitivity_markdown(manifest))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value

@@ -1,0 +1,94 @@
+"""Config checks the JSON schema cannot express, and the grid of cells.
+
+The schema (config/schema.yaml) checks types, unknown keys and ranges; this module checks
+cross-references (grid entries that name a model, format or size that does not exist) and paths,
+so that a bad config fails before any job starts with a message that names the key.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import VlmsensError
+from .formats import format_registry
+
+
+@dataclass(frozen=True)
+class Cell:
+    model: str
+    format: str
+    scope: str
+    size: str
+
+
+def grid_cells(config: dict[str, Any]) -> list[Cell]:
+    grid = config["grid"]
+    return [Cell(*c) for c in itertools.product(grid["models"], grid["formats"], grid["scopes"], grid["sizes"])]
+
+
+def is_demo_model(config: dict[str, Any], model: str) -> bool:
+    return "demo" in config["models"][model]
+
+
+def is_demo_coco(config: dict[str, Any]) -> bool:
+    return "demo" in config["coco"]
+
+
+def check_config(config: dict[str, Any], *, check_paths: bool = True) -> None:
+    """Raise VlmsensError naming the first bad key; the schema has already run."""
+    grid = config["grid"]
+    for model in grid["models"]:
+        if model not in config["models"]:
+            raise VlmsensError(f"grid.models names {model!r}, which is not a key of 'models' (known: {sorted(config['models'])})")
+    registry = format_registry(config.get("formats"))
+    for name, spec in registry.items():
+        for candidate in spec.get("candidates", []):
+            if candidate not in registry:
+                raise VlmsensError(f"formats.{name}.candidates names unknown format {candidate!r} (known: {sorted(registry)})")
+            if "candidates" in registry[candidate]:
+                raise VlmsensError(f"formats.{name}.candidates names {candidate!r}, itself a candidate set")
+    for fmt in grid["formats"]:
+        if fmt not in registry:
+            raise VlmsensError(f"grid.formats names unknown format {fmt!r}; known formats: {sorted(registry)} (add it under 'formats')")
+        if fmt not in config["autoquant"]["effective_bits"]:
+            raise VlmsensError(f"autoquant.effective_bits has no target for format {fmt!r}; add autoquant.effective_bits.{fmt}")
+    for size in grid["sizes"]:
+        if size not in config["sizes"]:
+            raise VlmsensError(f"grid.sizes names {size!r}, which is not a key of 'sizes' (known: {sorted(config['sizes'])})")
+    prompts = config["prompts"]
+    if prompts["min_pixels"] > prompts["max_pixels"]:
+        raise VlmsensError(f"prompts.min_pixels ({prompts['min_pixels']}) exceeds prompts.max_pixels ({prompts['max_pixels']})")
+    for model in grid["models"]:
+        entry = config["models"][model]
+        if "demo" not in entry and not entry.get("checkpoint"):
+            raise VlmsensError(f"models.{model}.checkpoint is not set (a local folder or HF id), and models.{model}.demo is absent")
+    if not check_paths:
+        return
+    for model in grid["models"]:
+        entry = config["models"][model]
+        checkpoint = entry.get("checkpoint")
+        if "demo" in entry or not checkpoint:
+            continue
+        looks_local = checkpoint.startswith(("/", ".", "~")) or Path(checkpoint).exists()
+        if looks_local and not (Path(checkpoint).expanduser() / "config.json").is_file():
+            raise VlmsensError(f"models.{model}.checkpoint: {checkpoint} is not a checkpoint folder (no config.json there)")
+    coco = config["coco"]
+    if "demo" not in coco:
+        root = coco.get("root")
+        if not root:
+            raise VlmsensError("coco.root is not set: point it at a COCO 2017 folder (annotations/, train2017/, val2017/)")
+        if not Path(root).is_dir():
+            raise VlmsensError(f"coco.root: {root} does not exist; point it at a COCO 2017 folder")
+        for split in sorted({coco["calib_split"], coco["eval_split"]}):
+            ann = Path(root) / "annotations" / f"captions_{split}.json"
+            if not ann.is_file() and not coco.get("prebuilt_dir"):
+                raise VlmsensError(f"coco.root: {ann} not found; the COCO 2017 captions annotations are required")
+    if coco.get("prebuilt_dir"):
+        folder = Path(coco["prebuilt_dir"])
+        for size in grid["sizes"]:
+            db = folder / f"coco2017_vlm_calib_{size}.db"
+            if not db.is_file():
+                raise VlmsensError(f"coco.prebuilt_dir: {db} not found (one DB per size in grid.sizes is needed)")

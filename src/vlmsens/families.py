@@ -1,0 +1,232 @@
+"""Qwen-VL model families: what differs between them, in one place.
+
+Adding a family is one more ``Family`` entry in ``FAMILIES``: its transformers config class,
+the full-size architecture (for benchmarks) and a scaled-down one (for the demo and tests).
+Everything else (loading, batching, scoring, reports) is family-agnostic.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+# Token ids of the real Qwen-VL tokenizers (DESIGN §5); tiny demo tokenizers use their own ids.
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+VISION_PATTERNS = ("*visual*",)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    config_class: str
+    # Multiple of the image side in pixels that the processor resizes to (patch × spatial merge).
+    image_factor: int
+    # Qwen3-VL in transformers 5 needs mm_token_type_ids next to input_ids.
+    needs_mm_token_type_ids: bool
+    full_text: dict[str, Any]
+    full_vision: dict[str, Any]
+    tiny_text: dict[str, Any]
+    tiny_vision: dict[str, Any]
+    vision_patterns: tuple[str, ...] = VISION_PATTERNS
+    tie_word_embeddings: bool = True
+    extra_config: dict[str, Any] = field(default_factory=dict)
+
+    def build_config(self, size: str, token_ids: dict[str, int] | None = None, vocab_size: int | None = None):
+        """A transformers config of this family at ``size`` ('full' or 'tiny')."""
+        import transformers
+
+        config_cls = getattr(transformers, self.config_class)
+        text = dict(self.full_text if size == "full" else self.tiny_text)
+        vision = dict(self.full_vision if size == "full" else self.tiny_vision)
+        if vocab_size is not None:
+            text["vocab_size"] = vocab_size
+        ids = token_ids or {}
+        config = config_cls(
+            text_config=text,
+            vision_config=vision,
+            tie_word_embeddings=self.tie_word_embeddings,
+            **{k: v for k, v in ids.items()},
+            **self.extra_config,
+        )
+        # Sub-configs mirror the tie flag; transformers reads it from the text config.
+        config.text_config.tie_word_embeddings = self.tie_word_embeddings
+        return config
+
+
+FAMILIES: dict[str, Family] = {
+    "qwen2_5_vl": Family(
+        name="qwen2_5_vl",
+        config_class="Qwen2_5_VLConfig",
+        image_factor=28,
+        needs_mm_token_type_ids=False,
+        full_text=dict(
+            vocab_size=151936,
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            max_position_embeddings=128000,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]},
+        ),
+        full_vision=dict(
+            depth=32,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            patch_size=14,
+            window_size=112,
+            fullatt_block_indexes=[7, 15, 23, 31],
+            out_hidden_size=2048,
+        ),
+        tiny_text=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2, 3, 3]},
+        ),
+        tiny_vision=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            patch_size=14,
+            window_size=56,
+            fullatt_block_indexes=[1],
+            out_hidden_size=64,
+        ),
+    ),
+    "qwen3_vl": Family(
+        name="qwen3_vl",
+        config_class="Qwen3VLConfig",
+        image_factor=32,
+        needs_mm_token_type_ids=True,
+        full_text=dict(
+            vocab_size=151936,
+            hidden_size=2560,
+            intermediate_size=9728,
+            num_hidden_layers=36,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            max_position_embeddings=262144,
+            rms_norm_eps=1e-6,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 5_000_000.0,
+                "mrope_section": [24, 20, 20],
+                "mrope_interleaved": True,
+            },
+        ),
+        full_vision=dict(
+            depth=24,
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_heads=16,
+            patch_size=16,
+            num_position_embeddings=2304,
+            deepstack_visual_indexes=[5, 11, 17],
+            out_hidden_size=2560,
+        ),
+        tiny_text=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-6,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 5_000_000.0,
+                "mrope_section": [4, 2, 2],
+                "mrope_interleaved": True,
+            },
+        ),
+        tiny_vision=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            patch_size=16,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[0],
+            out_hidden_size=64,
+        ),
+    ),
+}
+
+
+def get_family(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise KeyError(f"unknown model family {name!r}; known families: {sorted(FAMILIES)}") from None
+
+
+_BLOCK_RE = re.compile(r"\.(?:layers|blocks|deepstack_merger_list)\.(\d+)(?:\.|$)")
+
+
+def tower_of(module_name: str, vision_patterns: tuple[str, ...] = VISION_PATTERNS) -> str:
+    """'vision', 'head' or 'text' for a module path."""
+    if any(fnmatch.fnmatch(module_name, p) for p in vision_patterns):
+        return "vision"
+    if module_name.split(".")[-1] == "lm_head" or module_name == "lm_head":
+        return "head"
+    return "text"
+
+
+def block_index(module_name: str) -> int | None:
+    match = _BLOCK_RE.search(module_name)
+    return int(match.group(1)) if match else None
+
+
+_SUBLAYER_RULES = (
+    (r"deepstack_merger_list\.\d+\.linear_fc1$", "deepstack_fc1"),
+    (r"deepstack_merger_list\.\d+\.linear_fc2$", "deepstack_fc2"),
+    (r"merger\.(mlp\.0|linear_fc1)$", "merger_fc1"),
+    (r"merger\.(mlp\.2|linear_fc2)$", "merger_fc2"),
+    (r"patch_embed\.proj$", "patch_embed"),
+    (r"attn\.qkv$", "qkv"),
+    (r"attn\.proj$", "proj"),
+    (r"mlp\.linear_fc1$", "fc1"),
+    (r"mlp\.linear_fc2$", "fc2"),
+    (r"\.(q_proj|k_proj|v_proj)$", "qkv"),
+    (r"\.o_proj$", "o"),
+    (r"\.(gate_proj|up_proj)$", "gate_up"),
+    (r"\.down_proj$", "down"),
+    (r"lm_head$", "lm_head"),
+)
+
+
+def sublayer_of(group_name: str, module_names: list[str]) -> str:
+    """Sublayer type of a group (qkv, o, gate_up, down, fc1, merger_fc1, ...)."""
+    for name in [group_name, *module_names]:
+        for pattern, label in _SUBLAYER_RULES:
+            if re.search(pattern, name):
+                return label
+    return group_name.rsplit(".", 1)[-1]

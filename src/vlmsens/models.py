@@ -1,0 +1,74 @@
+"""Loading checkpoints the way their users do: AutoProcessor + AutoModelForImageTextToText."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from .errors import VlmsensError
+
+log = logging.getLogger(__name__)
+
+
+def _offline() -> bool:
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except Exception:  # pragma: no cover - hub always ships with transformers
+        return os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+
+
+def _source(checkpoint: str) -> tuple[str, bool]:
+    """(path or id, local_files_only): a local folder never touches the network."""
+    path = Path(checkpoint).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise VlmsensError(f"checkpoint folder {path} has no config.json; point models.<name>.checkpoint at a HF checkpoint folder")
+        return str(path), True
+    if checkpoint.startswith(("/", ".", "~")):
+        raise VlmsensError(f"checkpoint folder {checkpoint} does not exist (config key models.<name>.checkpoint)")
+    return checkpoint, _offline()
+
+
+def pick_device(requested: str = "auto") -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise VlmsensError(f"device {requested!r} requested but CUDA is not available")
+    return requested
+
+
+def dtype_for(device: str):
+    """bf16 on GPU, fp32 on CPU (bf16 matmuls on CPU are slow and fake-quant kernels expect fp32 there)."""
+    import torch
+
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def load_processor(checkpoint: str):
+    import transformers
+
+    source, local_only = _source(checkpoint)
+    return transformers.AutoProcessor.from_pretrained(source, local_files_only=local_only, trust_remote_code=False)
+
+
+def load_model(checkpoint: str, device: str, attn_implementation: str | None = "sdpa"):
+    import torch
+    import transformers
+
+    source, local_only = _source(checkpoint)
+    kwargs = dict(local_files_only=local_only, trust_remote_code=False, dtype=dtype_for(device))
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if device.startswith("cuda"):
+        # safetensors shards are materialised straight on the GPU
+        kwargs["device_map"] = {"": torch.device(device)}
+    model = transformers.AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+    if not device.startswith("cuda"):
+        model.to(device)
+    model.eval()
+    return model
