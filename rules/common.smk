@@ -14,7 +14,7 @@ OUT = config["outdir"].rstrip("/")
 LOGS = f"{OUT}/logs"
 BENCH = f"{OUT}/benchmarks"
 CONDA_ENV = "../envs/vlmsens.yaml"
-CELL_DIR = OUT + "/autoquant/{model}/{format}/{scope}/{size}"
+CELL_DIR = f"{OUT}/autoquant/{{model}}/{{format}}/{{scope}}/{{size}}"
 GRID = config["grid"]
 
 

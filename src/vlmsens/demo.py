@@ -177,8 +177,10 @@ def build_demo_checkpoint(
     config = family.build_config("tiny", token_ids=token_ids, vocab_size=len(tokenizer))
     config.text_config.pad_token_id = tokenizer.pad_token_id
     config.text_config.eos_token_id = tokenizer.eos_token_id
+    config.text_config.bos_token_id = None
     torch.manual_seed(seed)
     model = transformers.AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    _fan_in_init(model, seed)
     model.eval()
 
     processor = _build_processor(family, tokenizer, min_pixels, max_pixels)
@@ -190,6 +192,27 @@ def build_demo_checkpoint(
             json.dumps({"family": family_name, "seed": seed, "note": "random weights, built locally"}, indent=2),
         )
     log.info("tiny %s checkpoint written to %s", family_name, out_dir)
+
+
+def _fan_in_init(model, seed: int) -> None:
+    """Re-draw every Linear weight (but the tied lm_head) with std 1/sqrt(fan_in).
+
+    transformers' default init (std 0.02) makes the blocks of a tiny random model almost
+    pass-through, so every block scores about zero and no ranking means anything. With a fan-in
+    scale each block's output matters, as in a trained network.
+    """
+    import math
+
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    lm_head = model.get_output_embeddings()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module is not lm_head:
+                module.weight.normal_(0.0, 1.0 / math.sqrt(module.weight.shape[1]), generator=generator)
+                if module.bias is not None:
+                    module.bias.zero_()
 
 
 # Instructions that calibration samples use; included in the demo tokenizer's training text.

@@ -1,0 +1,40 @@
+# The whole set-up lives here: `make demo` and `make test` create or update the virtual environment
+# in .venv (torch 2.14.1 + torchvision 0.29.1, then this package with its test extras) and run.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.vlmsens-installed
+SNAKEMAKE := $(BIN)/snakemake
+DEMO := --configfile config/demo.yaml --replace-workflow-config
+
+.PHONY: env demo report test lint dag clean-demo
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+env: $(STAMP)
+
+demo: $(STAMP)
+	$(SNAKEMAKE) $(DEMO)
+	$(SNAKEMAKE) $(DEMO) --report results/demo/report.html
+	@echo "demo report: results/demo/report.html, summary: results/demo/reports/summary.md"
+
+report: $(STAMP)
+	$(SNAKEMAKE) --report results/report.html
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(SNAKEMAKE) $(DEMO) --lint
+
+dag: $(STAMP)
+	$(SNAKEMAKE) $(DEMO) --rulegraph mermaid-js > docs/rulegraph.mmd
+	$(SNAKEMAKE) $(DEMO) --rulegraph dot > docs/rulegraph.dot
+
+clean-demo:
+	rm -rf results/demo

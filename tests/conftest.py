@@ -1,0 +1,32 @@
+"""Shared fixtures: a generated COCO tree and tiny checkpoints of both families (built once)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112
+
+
+@pytest.fixture(scope="session")
+def demo_coco(tmp_path_factory) -> Path:
+    from vlmsens.demo import build_demo_coco
+
+    root = tmp_path_factory.mktemp("coco") / "coco"
+    build_demo_coco(root, n_train=40, n_val=12, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory, demo_coco) -> dict[str, Path]:
+    from vlmsens.demo import build_demo_checkpoint
+
+    base = tmp_path_factory.mktemp("checkpoints")
+    out = {}
+    for family in FAMILIES:
+        build_demo_checkpoint(family, base / family, demo_coco, seed=0, vocab_size=512, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+        out[family] = base / family
+    return out

@@ -1,0 +1,270 @@
+"""AutoQuantize cells on tiny real-class checkpoints: planted sensitivity and cell semantics.
+
+A text MLP is given an outlier input channel (INT8-fragile, function unchanged), a vision attention
+projection likewise, and one text layer is made robust. The tests check that the cells rank them
+where they must, that scopes mean what they say, and that the outputs carry what engineers read.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FAMILIES, MAX_PIXELS, MIN_PIXELS
+from vlmsens.autoquant import CellSpec, run_autoquant
+from vlmsens.batches import IGNORE_INDEX, PromptSettings, collate, encode_sample, encode_samples, make_batches
+from vlmsens.calib import build_subset, read_calib_db
+from vlmsens.cell import prepare_samples, rerender, run_cell
+from vlmsens.families import get_family
+from vlmsens.formats import format_registry, resolve_format
+from vlmsens.models import load_processor
+from vlmsens.planting import plant_mlp_outlier, plant_robust, plant_vision_attn_outlier
+
+SETTINGS = PromptSettings("Describe this image in one sentence.", "Write a one-sentence caption for an everyday scene.", MIN_PIXELS, MAX_PIXELS)
+PROMPTS = {
+    "image_instruction": SETTINGS.image_instruction,
+    "text_instruction": SETTINGS.text_instruction,
+    "min_pixels": MIN_PIXELS,
+    "max_pixels": MAX_PIXELS,
+}
+FRAGILE_TEXT = "model.language_model.layers.1.mlp.down_proj"
+FRAGILE_VISION = "model.visual.blocks.1.attn.proj"
+ROBUST_TEXT = "model.language_model.layers.0.mlp.down_proj"
+
+
+@pytest.fixture(scope="module")
+def subsets(demo_coco, tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("subsets")
+    dbs = {}
+    for size, n in (("small", 8), ("large", 16)):
+        build_subset(coco_root=demo_coco, split="train2017", size_name=size, num_samples=n, seed=0,
+                     db_path=out / f"{size}.db", captions_path=out / f"{size}.txt")
+        dbs[size] = out / f"{size}.db"
+    return dbs
+
+
+@pytest.fixture(scope="module")
+def planted(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
+    """Copies of the tiny checkpoints with a fragile text layer, a fragile vision layer, a robust layer."""
+    import transformers
+
+    out = {}
+    for family, path in tiny_checkpoints.items():
+        model = transformers.AutoModelForImageTextToText.from_pretrained(path, local_files_only=True)
+        plant_mlp_outlier(model, FRAGILE_TEXT.removesuffix(".down_proj"))
+        plant_vision_attn_outlier(model, FRAGILE_VISION.removesuffix(".proj"))
+        plant_robust(model, ROBUST_TEXT)
+        target = tmp_path_factory.mktemp(f"planted_{family}")
+        model.save_pretrained(target)
+        load_processor(str(path)).save_pretrained(target)
+        out[family] = target
+    return out
+
+
+def _cell(checkpoint, family, fmt, scope, samples, method="gradient", bits=8.5, state_path=None, formats=None):
+    registry = format_registry(formats)
+    spec = CellSpec(model=f"tiny_{family}", family=get_family(family), checkpoint=str(checkpoint), format_name=fmt,
+                    formats=resolve_format(fmt, registry), scope=scope, size="small", effective_bits=bits,
+                    method=method, batch_size=4, device="cpu")
+    return run_autoquant(spec, samples, progress=lambda _: None, state_path=state_path)
+
+
+_ENCODED: dict = {}
+
+
+def _encoded(checkpoint, db, coco, scope):
+    key = (str(checkpoint), str(db), scope)
+    if key not in _ENCODED:
+        samples, _ = read_calib_db(db)
+        _ENCODED[key] = encode_samples(load_processor(str(checkpoint)), samples, coco, scope == "all-layers", SETTINGS)
+    return _ENCODED[key]
+
+
+def _ranking(result, fmt):
+    groups = sorted(result["groups"], key=lambda g: -g["scores_per_token"][fmt])
+    return [g["layer"] for g in groups]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("scope", ["all-layers", "lm-only"])
+def test_planted_text_layer_ranks_first_for_int8(planted, subsets, demo_coco, family, scope):
+    samples = _encoded(planted[family], subsets["small"], demo_coco, scope)
+    ranking = _ranking(_cell(planted[family], family, "wint8_aint8", scope, samples), "wint8_aint8")
+    assert ranking[0] == FRAGILE_TEXT
+    # The robust layer sits in the bottom quarter.
+    assert ranking.index(ROBUST_TEXT) >= len(ranking) * 3 // 4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_planted_vision_layer_near_top_in_all_layers_and_absent_from_lm_only(planted, subsets, demo_coco, family):
+    all_layers = _ranking(_cell(planted[family], family, "wint8_aint8", "all-layers",
+                                _encoded(planted[family], subsets["small"], demo_coco, "all-layers")), "wint8_aint8")
+    assert all_layers.index(FRAGILE_VISION) < 3
+    lm_only = _cell(planted[family], family, "wint8_aint8", "lm-only", _encoded(planted[family], subsets["small"], demo_coco, "lm-only"))
+    names = [g["layer"] for g in lm_only["groups"]]
+    assert FRAGILE_VISION not in names
+    assert not any(g["tower"] == "vision" for g in lm_only["groups"])
+    assert FRAGILE_VISION in [g["layer"] for g in lm_only["excluded_groups"]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_outlier_plant_is_int8_specific(planted, subsets, demo_coco, family):
+    """FP8 keeps small channels next to an outlier, so the INT8 plant must not top the FP8 ranking."""
+    samples = _encoded(planted[family], subsets["small"], demo_coco, "lm-only")
+    ranking = _ranking(_cell(planted[family], family, "wfp8_afp8", "lm-only", samples), "wfp8_afp8")
+    assert ranking[0] != FRAGILE_TEXT
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_vision_group_scores_nonzero_in_all_layers(tiny_checkpoints, subsets, demo_coco, family):
+    samples = _encoded(tiny_checkpoints[family], subsets["small"], demo_coco, "all-layers")
+    result = _cell(tiny_checkpoints[family], family, "wint8_aint8", "all-layers", samples)
+    vision = [g for g in result["groups"] if g["tower"] == "vision"]
+    assert len(vision) >= 8  # patch embed, 2 blocks x (qkv, proj, mlp...), merger(s)
+    assert all(g["scores_raw"]["wint8_aint8"] > 0 for g in vision), [g["layer"] for g in vision if g["scores_raw"]["wint8_aint8"] <= 0]
+    assert {g["tower"] for g in result["groups"]} == {"vision", "text", "head"}
+
+
+def test_fp8_and_int8_raw_scores_differ_per_layer(tiny_checkpoints, subsets, demo_coco):
+    family = "qwen2_5_vl"
+    samples = _encoded(tiny_checkpoints[family], subsets["small"], demo_coco, "all-layers")
+    result = _cell(tiny_checkpoints[family], family, "fp8_or_int8", "all-layers", samples,
+                   formats={"fp8_or_int8": {"candidates": ["wfp8_afp8", "wint8_aint8"]}})
+    for g in result["groups"]:
+        raw = g["scores_raw"]
+        assert set(raw) == {"wfp8_afp8", "wint8_aint8"}
+        assert raw["wfp8_afp8"] != raw["wint8_aint8"], g["layer"]
+        assert g["selected_format"] in {"wfp8_afp8", "wint8_aint8", "bf16"}
+    # ModelOpt's clipped scores are monotone; ours are the raw values it clipped.
+    assert any(g["scores_modelopt_clipped"] != g["scores_raw"] for g in result["groups"])
+    selected = {g["selected_format"] for g in result["groups"]}
+    assert selected - {"bf16"}, "the solver selected no quantized format at all"
+
+
+def test_calibration_sizes_give_different_scores(tiny_checkpoints, subsets, demo_coco):
+    family = "qwen3_vl"
+    small = _cell(tiny_checkpoints[family], family, "wint8_aint8", "all-layers", _encoded(tiny_checkpoints[family], subsets["small"], demo_coco, "all-layers"))
+    large = _cell(tiny_checkpoints[family], family, "wint8_aint8", "all-layers", _encoded(tiny_checkpoints[family], subsets["large"], demo_coco, "all-layers"))
+    assert small["batches"]["samples"] == 8 and large["batches"]["samples"] == 16
+    assert large["search"]["num_score_steps"] == 2 * small["search"]["num_score_steps"]
+    s = {g["layer"]: g["scores_per_token"]["wint8_aint8"] for g in small["groups"]}
+    lg = {g["layer"]: g["scores_per_token"]["wint8_aint8"] for g in large["groups"]}
+    assert s.keys() == lg.keys()
+    assert sum(s[k] != lg[k] for k in s) == len(s)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("scope", ["all-layers", "lm-only"])
+def test_achieved_bits_within_target(tiny_checkpoints, subsets, demo_coco, family, scope):
+    samples = _encoded(tiny_checkpoints[family], subsets["small"], demo_coco, scope)
+    for bits in (8.25, 9.0, 12.0):
+        search = _cell(tiny_checkpoints[family], family, "wint8_aint8", scope, samples, bits=bits)["search"]
+        assert search["is_satisfied"]
+        assert search["effective_bits_achieved"] <= bits + 1e-9
+
+
+def test_lm_only_keeps_vision_out_of_the_budget(tiny_checkpoints, subsets, demo_coco):
+    family = "qwen2_5_vl"
+    result = _cell(tiny_checkpoints[family], family, "wint8_aint8", "lm-only", _encoded(tiny_checkpoints[family], subsets["small"], demo_coco, "lm-only"))
+    assert result["search"]["disabled_layers"] == ["*visual*"]
+    assert result["search"]["constraints"]["cost"] == {"excluded_module_name_patterns": ["*visual*"]}
+    # Every group quantized at 8 bits: achieved bits are exactly 8 over the text tower alone,
+    # which is only possible when the BF16 vision tower is outside the denominator.
+    all8 = _cell(tiny_checkpoints[family], family, "wint8_aint8", "lm-only", _encoded(tiny_checkpoints[family], subsets["small"], demo_coco, "lm-only"), bits=8.0)
+    assert all8["search"]["effective_bits_achieved"] == pytest.approx(8.0)
+    assert all(g["selected_format"] == "wint8_aint8" for g in all8["groups"])
+
+
+def test_kl_div_method_reaches_modelopt(tiny_checkpoints, subsets, demo_coco, tmp_path):
+    family = "qwen3_vl"
+    state = tmp_path / "state.pt"
+    result = _cell(tiny_checkpoints[family], family, "wint8_aint8", "lm-only",
+                   _encoded(tiny_checkpoints[family], subsets["small"], demo_coco, "lm-only"), method="kl_div", state_path=str(state))
+    assert result["search"]["method"] == "kl_div"
+    assert torch.load(state, weights_only=False)["method"] == "kl_div"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_labels_cover_the_caption_only(tiny_checkpoints, subsets, demo_coco, family):
+    processor = load_processor(str(tiny_checkpoints[family]))
+    samples, _ = read_calib_db(subsets["small"])
+    for with_image in (True, False):
+        enc = encode_sample(processor, samples[0], demo_coco, with_image, SETTINGS)
+        kept = enc["labels"][enc["labels"] != IGNORE_INDEX]
+        assert processor.tokenizer.decode(kept) == samples[0].caption
+        assert ("pixel_values" in enc) == with_image
+        if family == "qwen3_vl":
+            assert enc["mm_token_type_ids"].shape == enc["input_ids"].shape
+            assert int(enc["mm_token_type_ids"].sum()) > 0 if with_image else int(enc["mm_token_type_ids"].sum()) == 0
+
+
+def test_batches_are_padded_to_their_own_longest_sample(tiny_checkpoints, subsets, demo_coco):
+    samples = _encoded(tiny_checkpoints["qwen3_vl"], subsets["large"], demo_coco, "lm-only")
+    batches = make_batches(samples, 4, pad_token_id=0)
+    lengths = sorted(s["input_ids"].shape[0] for s in samples)
+    assert [b["input_ids"].shape[1] for b in batches] == [lengths[i + 3] for i in range(0, len(lengths), 4)]
+    assert max(b["input_ids"].shape[1] for b in batches) < 512
+    one = collate(samples[:2], pad_token_id=0)
+    assert one["labels"][one["attention_mask"] == 0].eq(IGNORE_INDEX).all()
+    assert "mm_token_type_ids" in one
+
+
+def test_cell_writes_outputs_and_rerenders_from_manifest_alone(tiny_checkpoints, subsets, demo_coco, tmp_path):
+    family = "qwen2_5_vl"
+    samples_path = tmp_path / "samples.pt"
+    prepare_samples(checkpoint=str(tiny_checkpoints[family]), calib_db=str(subsets["small"]), coco_root=str(demo_coco),
+                    scope="all-layers", prompts=PROMPTS, out_path=str(samples_path), progress=lambda _: None)
+    outputs = {k: str(tmp_path / "cell" / v) for k, v in (
+        ("json", "per-layer-sensitivity.json"), ("markdown", "per-layer-sensitivity.md"),
+        ("manifest", "quant_manifest.json"), ("state", "autoquant_state.pt"))}
+    (tmp_path / "cell").mkdir()
+    lines = []
+    manifest = run_cell(model_name="tiny", model_cfg={"family": family}, checkpoint=str(tiny_checkpoints[family]),
+                        format_name="wint8_aint8", formats_cfg={}, scope="all-layers", size="small",
+                        autoquant_cfg={"method": "gradient", "effective_bits": {"wint8_aint8": 8.5}, "device": "cpu"},
+                        batch_size=4, seed=0, samples_path=str(samples_path), calib_db=str(subsets["small"]),
+                        outputs=outputs, progress=lines.append)
+    for phase in ("load", "calibrate", "score", "solve"):
+        assert any(line.startswith(f"{phase} done in") for line in lines), phase
+    assert any(line.startswith("write: done") for line in lines)
+    payload = json.loads(Path(outputs["json"]).read_text())
+    assert list(payload) == ["scheme", "model", "dataset", "quantization", "autoquant_state", "layer_sensitivity"]
+    assert set(payload["autoquant_state"]) >= {"constraints", "score", "is_satisfied"}
+    rows = payload["layer_sensitivity"]
+    assert list(rows[0])[:4] == ["layer", "num_bits", "sensitivity", "size_cost"]
+    assert all(not r["layer"].endswith(".quant_recipe") for r in rows)
+    assert [r["sensitivity"] for r in rows] == sorted((r["sensitivity"] for r in rows), reverse=True)
+    assert {r["num_bits"] for r in rows} <= {8.0, 16.0}
+    assert all((r["num_bits"] == 16.0) == (r["selected_format"] == "bf16") for r in rows)
+    md = Path(outputs["markdown"]).read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| Layer"))
+    assert [c.strip() for c in header.split("|")[1:5]] == ["Layer", "Num Bits", "Sensitivity", "Size Cost"]
+    for key in ("Effective bits target", "Effective bits achieved", "Constraint satisfied", "Samples used", "Tokens", "Wall time"):
+        assert f"| {key}" in md, key
+    prov = manifest["provenance"]
+    assert {"packages", "git", "inputs_sha256", "wall_time_s"} <= set(prov)
+    assert prov["packages"]["nvidia-modelopt"] == "0.47.0"
+    assert set(manifest["timings_s"]) >= {"load", "calibrate", "score", "solve"}
+    assert "host_rss_gib" in manifest["peak_memory"]
+
+    # The report-only path: the manifest alone reproduces both files byte for byte.
+    before = {k: Path(outputs[k]).read_bytes() for k in ("json", "markdown")}
+    only = tmp_path / "only"
+    only.mkdir()
+    shutil.copy(outputs["manifest"], only / "quant_manifest.json")
+    rerender(str(only / "quant_manifest.json"), str(only / "a.json"), str(only / "a.md"))
+    assert (only / "a.json").read_bytes() == before["json"]
+    assert (only / "a.md").read_bytes() == before["markdown"]
+
+
+def test_results_are_deterministic(tiny_checkpoints, subsets, demo_coco):
+    family = "qwen2_5_vl"
+    samples = _encoded(tiny_checkpoints[family], subsets["small"], demo_coco, "all-layers")
+    a = _cell(tiny_checkpoints[family], family, "wint8_aint8", "all-layers", samples)
+    b = _cell(tiny_checkpoints[family], family, "wint8_aint8", "all-layers", samples)
+    assert [g["scores_raw"] for g in a["groups"]] == [g["scores_raw"] for g in b["groups"]]
+    assert [g["selected_format"] for g in a["groups"]] == [g["selected_format"] for g in b["groups"]]
