@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
+import posixpath
 import re
 import sqlite3
 from dataclasses import dataclass, field
@@ -54,6 +56,13 @@ class Selection:
     skipped: list[dict] = field(default_factory=list)
 
 
+def _listed(problems: list[str]) -> str:
+    """The first MAX_LISTED problems, one per line, and how many more there are."""
+    listed = "\n  ".join(problems[:MAX_LISTED])
+    more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+    return f"  {listed}{more}"
+
+
 def normalise_caption(text: str) -> str:
     """One line, single spaces: captions become one line of the captions file."""
     return re.sub(r"\s+", " ", text or "").strip()
@@ -68,18 +77,33 @@ def load_annotations(path: str | Path) -> tuple[dict[int, str], dict[int, list[t
         data = json.loads(path.read_bytes())
     except json.JSONDecodeError as err:
         raise VlmsensError(f"COCO captions file {path} is not valid JSON: {err}") from None
-    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("annotations"), list):
         raise VlmsensError(f"COCO captions file {path} lacks the 'images' or 'annotations' list.")
-    file_names = {int(img["id"]): str(img["file_name"]) for img in data["images"]}
-    captions: dict[int, list[tuple[int, str]]] = {}
-    for ann in data["annotations"]:
-        captions.setdefault(int(ann["image_id"]), []).append((int(ann["id"]), str(ann.get("caption", ""))))
+    images, annotations = data["images"], data["annotations"]
     del data
+    file_names: dict[int, str] = {}
+    captions: dict[int, list[tuple[int, str]]] = {}
+    entry: object = None
+    try:
+        for entry in images:
+            file_names[int(entry["id"])] = str(entry["file_name"])
+        for entry in annotations:
+            text = entry.get("caption")
+            # A null or non-text caption is no caption (str(None) would make it the caption "None").
+            captions.setdefault(int(entry["image_id"]), []).append((int(entry["id"]), text if isinstance(text, str) else ""))
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        shown = json.dumps(entry, default=str)[:200]
+        raise VlmsensError(
+            f"COCO captions file {path} has a malformed entry ({type(err).__name__}: {err}): {shown}; "
+            "every image needs 'id' and 'file_name', every annotation 'id', 'image_id' and 'caption'."
+        ) from None
     return file_names, captions
 
 
 def unsafe_path_reason(relpath: str) -> str | None:
     """Why ``relpath`` may not be used as a path relative to the COCO root, or None."""
+    if "\x00" in relpath:
+        return "path contains a NUL byte"
     posix = PurePosixPath(relpath.replace("\\", "/"))
     if posix.is_absolute() or re.match(r"^[A-Za-z]:", relpath):
         return "absolute path"
@@ -93,10 +117,9 @@ def image_problem(coco_root: Path, relpath: str, *, decode: bool = True) -> str 
     reason = unsafe_path_reason(relpath)
     if reason:
         return reason
-    root = coco_root.resolve()
-    full = (root / relpath).resolve()
-    if root not in full.parents:
-        return "path escapes the COCO root (symbolic link)"
+    # The checks above keep annotation-supplied paths inside the root. Symbolic links that the user
+    # put under the root (train2017 -> another disk is a common layout) are followed on purpose.
+    full = Path(coco_root) / relpath
     if not full.is_file():
         return "file not found"
     if decode:
@@ -143,8 +166,10 @@ def select_samples(
     (missing file, undecodable, path outside the root, no non-empty caption) raises, or with
     ``on_bad_image='replace'`` is skipped for the next candidate and recorded in ``skipped``.
     """
-    if num_samples <= 0:
-        raise VlmsensError(f"sample count must be positive, got {num_samples}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples <= 0:
+        raise VlmsensError(f"sample count must be a positive integer, got {num_samples!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise VlmsensError(f"seed must be a non-negative integer, got {seed!r}")
     if on_bad_image not in ("error", "replace"):
         raise VlmsensError(f"coco.on_bad_image must be 'error' or 'replace', got {on_bad_image!r}")
     root = Path(coco_root)
@@ -153,6 +178,7 @@ def select_samples(
     samples: list[CalibSample] = []
     skipped: list[dict] = []
     problems: list[str] = []
+    used: dict[str, int] = {}  # normalised relpath -> image id, so no file is taken twice
     considered = 0  # candidates counted against the subset: usable ones, plus bad ones in error mode
     for image_id in order:
         if considered == num_samples:
@@ -164,7 +190,11 @@ def select_samples(
             relpath, problem = file_name, reason  # reported as written in the annotations
         else:
             relpath = f"{split}/{file_name}"
-            problem = image_problem(root, relpath, decode=decode_images)
+            first = used.get(posixpath.normpath(relpath.replace("\\", "/")))
+            if first is not None:
+                problem = f"same file as image id {first} (listed twice in 'images')"
+            else:
+                problem = image_problem(root, relpath, decode=decode_images)
         picked = None if problem else _pick_caption(captions[image_id], seed, image_id)
         if problem is None and picked is None:
             problem = "no non-empty caption"
@@ -179,13 +209,12 @@ def select_samples(
                 skipped.append(entry)
             continue
         samples.append(CalibSample(split, relpath, image_id, picked[0], picked[1]))
+        used[posixpath.normpath(relpath.replace("\\", "/"))] = image_id
         considered += 1
     if problems:
-        listed = "\n  ".join(problems[:MAX_LISTED])
-        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
         raise VlmsensError(
             f"{len(problems)} bad calibration image(s) in {root}/{split} among the first "
-            f"{num_samples} candidates:\n  {listed}{more}\n"
+            f"{num_samples} candidates:\n{_listed(problems)}\n"
             "Fix the files, or set coco.on_bad_image: replace to skip them deterministically."
         )
     if len(samples) < num_samples:
@@ -228,7 +257,8 @@ def read_calib_db(path: str | Path) -> tuple[list[CalibSample], dict[str, str]]:
     if not path.is_file():
         raise VlmsensError(f"calibration DB not found: {path}")
     try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        # as_uri() percent-encodes the path: '?', '#' or '%' in a folder name stay part of the path.
+        con = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
         try:
             tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             if SAMPLES_TABLE not in tables:
@@ -248,16 +278,31 @@ def read_calib_db(path: str | Path) -> tuple[list[CalibSample], dict[str, str]]:
             con.close()
     except sqlite3.DatabaseError as err:
         raise VlmsensError(f"{path} is not a readable SQLite DB: {err}") from None
-    samples = [CalibSample(str(s), str(p), int(i), int(c), str(t)) for s, p, i, c, t in rows]
+    samples = []
+    for number, (split, relpath, image_id, caption_id, caption) in enumerate(rows, start=1):
+        try:
+            if split is None or relpath is None:
+                raise ValueError("NULL split or image_relpath")
+            # A NULL caption is an empty one (str(None) would make it the caption "None").
+            samples.append(CalibSample(str(split), str(relpath), int(image_id), int(caption_id), "" if caption is None else str(caption)))
+        except (TypeError, ValueError) as err:
+            raise VlmsensError(
+                f"{path}: row {number} of {SAMPLES_TABLE} is malformed ({err}): "
+                f"{(split, relpath, image_id, caption_id, caption)!r}"
+            ) from None
     return samples, meta
 
 
-def _validate_rows(samples: list[CalibSample], coco_root: Path, source: Path, decode: bool) -> None:
+def _validate_rows(
+    samples: list[CalibSample], coco_root: Path, source: Path, decode: bool, held_out: frozenset[str] = frozenset()
+) -> None:
     problems = []
     for s in samples:
         problem = image_problem(coco_root, s.image_relpath, decode=decode)
         if problem is None and not normalise_caption(s.caption):
             problem = "empty caption"
+        if problem is None and posixpath.normpath(s.image_relpath) in held_out:
+            problem = "also in the held-out evaluation subset"
         if problem:
             problems.append(f"{s.image_relpath}: {problem}")
     seen, repeats = set(), []
@@ -268,12 +313,42 @@ def _validate_rows(samples: list[CalibSample], coco_root: Path, source: Path, de
     if repeats:
         problems.append(f"{len(repeats)} image(s) repeated, e.g. {repeats[0]}")
     if problems:
-        listed = "\n  ".join(problems[:MAX_LISTED])
-        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        hint = (
+            "\nThe evaluation subset must not share images with calibration: choose another seed or coco.eval_split."
+            if held_out and any(p.endswith("held-out evaluation subset") for p in problems)
+            else ""
+        )
         raise VlmsensError(
             f"pre-built calibration DB {source}: {len(problems)} problem(s) against COCO root {coco_root}:\n"
-            f"  {listed}{more}"
+            f"{_listed(problems)}{hint}"
         )
+
+
+def _held_out(
+    root: Path, split: str, eval_images: int, seed: int, decode_images: bool, annotations: tuple[dict, dict] | None
+) -> Selection:
+    """The images ``build_eval_subset`` takes, computed the same way (salt 1, same decoding).
+
+    Replace mode gives exactly the evaluation subset whenever that one can be built: in error mode
+    it succeeds only when its first candidates are all good, and then both agree.
+    """
+    try:
+        return select_samples(
+            root, split, eval_images, seed, on_bad_image="replace", salt=1,
+            decode_images=decode_images, annotations=annotations,
+        )
+    except VlmsensError as err:
+        raise VlmsensError(f"held-out evaluation subset (coco.eval_images={eval_images}, split {split}): {err}") from None
+
+
+def _write_outputs(db_path: str | Path, captions_path: str | Path, samples: list[CalibSample], meta: dict) -> None:
+    """DB then captions, each atomic; a failed captions write takes the new DB away again."""
+    write_calib_db(db_path, samples, meta)
+    try:
+        write_captions(captions_path, samples)
+    except BaseException:
+        Path(db_path).unlink(missing_ok=True)
+        raise
 
 
 def build_subset(
@@ -294,6 +369,16 @@ def build_subset(
     """Write one calibration subset (DB + captions) and return its meta."""
     root = Path(coco_root)
     if prebuilt_dir:
+        held_out_paths: frozenset[str] = frozenset()
+        if eval_split and eval_images:
+            eval_file = root / "annotations" / f"captions_{eval_split}.json"
+            if eval_file.is_file():
+                held_out_paths = frozenset(
+                    posixpath.normpath(s.image_relpath)
+                    for s in _held_out(root, eval_split, eval_images, seed, decode_images, None).samples
+                )
+            else:
+                log.warning("%s not found: cannot check the pre-built DB against the evaluation subset", eval_file)
         return import_prebuilt(
             prebuilt_dir=prebuilt_dir,
             size_name=size_name,
@@ -302,17 +387,21 @@ def build_subset(
             db_path=db_path,
             captions_path=captions_path,
             decode_images=decode_images,
+            held_out_relpaths=held_out_paths,
         )
     annotation_file = root / "annotations" / f"captions_{split}.json"
     annotations = load_annotations(annotation_file)
     exclude: frozenset[int] = frozenset()
+    n_held_out = 0
     if eval_split == split and eval_images:
         # Same split for both: the held-out images are removed from the calibration candidates.
-        held_out = select_samples(
-            root, split, eval_images, seed, on_bad_image="replace", salt=1,
-            decode_images=False, annotations=annotations,
+        held_out = _held_out(root, split, eval_images, seed, decode_images, annotations)
+        held_paths = {posixpath.normpath(s.image_relpath) for s in held_out.samples}
+        # By id, and by file for ids that name the same file as a held-out image.
+        exclude = frozenset(s.image_id for s in held_out.samples) | frozenset(
+            i for i, name in annotations[0].items() if posixpath.normpath(f"{split}/{name}") in held_paths
         )
-        exclude = frozenset(s.image_id for s in held_out.samples)
+        n_held_out = len(held_out.samples)
     selection = select_samples(
         root, split, num_samples, seed, on_bad_image=on_bad_image, exclude_image_ids=exclude,
         decode_images=decode_images, annotations=annotations,
@@ -329,11 +418,10 @@ def build_subset(
         "annotation_sha256": sha256_file(annotation_file),
         "on_bad_image": on_bad_image,
         "skipped": selection.skipped,
-        "excluded_held_out_images": len(exclude),
+        "excluded_held_out_images": n_held_out,
         "tool": f"vlmsens {__version__}",
     }
-    write_calib_db(db_path, selection.samples, meta)
-    write_captions(captions_path, selection.samples)
+    _write_outputs(db_path, captions_path, selection.samples, meta)
     log.info("%s subset: %d samples from %s (%d skipped)", size_name, num_samples, split, len(selection.skipped))
     return meta
 
@@ -368,8 +456,7 @@ def build_eval_subset(
         "skipped": selection.skipped,
         "tool": f"vlmsens {__version__}",
     }
-    write_calib_db(db_path, selection.samples, meta)
-    write_captions(captions_path, selection.samples)
+    _write_outputs(db_path, captions_path, selection.samples, meta)
     return meta
 
 
@@ -382,8 +469,12 @@ def import_prebuilt(
     db_path: str | Path,
     captions_path: str | Path,
     decode_images: bool = True,
+    held_out_relpaths: frozenset[str] = frozenset(),
 ) -> dict[str, object]:
-    """Accept a pre-built DB (e.g. the legacy tool's) after validating its schema and images."""
+    """Accept a pre-built DB (e.g. the legacy tool's) after validating its schema and images.
+
+    ``held_out_relpaths`` are the evaluation subset's images; a pre-built row using one is an error.
+    """
     source = Path(prebuilt_dir) / f"coco2017_vlm_calib_{size_name}.db"
     samples, source_meta = read_calib_db(source)
     if len(samples) != num_samples:
@@ -391,7 +482,7 @@ def import_prebuilt(
             f"pre-built DB {source} holds {len(samples)} rows but sizes.{size_name} is {num_samples}; "
             "make the config's size match the file."
         )
-    _validate_rows(samples, coco_root, source, decode_images)
+    _validate_rows(samples, Path(coco_root), source, decode_images, frozenset(held_out_relpaths))
     samples = [CalibSample(s.split, s.image_relpath, s.image_id, s.caption_id, normalise_caption(s.caption)) for s in samples]
     meta = {
         "source_dataset": source_meta.get("source_dataset", "coco2017"),
@@ -403,8 +494,8 @@ def import_prebuilt(
         "prebuilt_from": str(source),
         "prebuilt_sha256": sha256_file(source),
         "prebuilt_had_meta": bool(source_meta),
+        "checked_against_held_out_images": len(held_out_relpaths),
         "tool": f"vlmsens {__version__}",
     }
-    write_calib_db(db_path, samples, meta)
-    write_captions(captions_path, samples)
+    _write_outputs(db_path, captions_path, samples, meta)
     return meta
