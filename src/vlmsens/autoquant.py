@@ -15,8 +15,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .batches import IGNORE_INDEX
 from .errors import VlmsensError
@@ -44,6 +45,7 @@ class CellSpec:
     batch_size: int = 4
     device: str = "auto"
     seed: int = 0
+    vision_attention: str = "varlen"
 
     def validate(self) -> None:
         if self.scope not in SCOPES:
@@ -131,8 +133,8 @@ def run_autoquant(
     state_path: str | None = None,
 ) -> dict[str, Any]:
     """Run AutoQuantize on one cell and return the manifest body (scores, selection, timings)."""
-    import torch
     import modelopt.torch.quantization as mtq
+    import torch
     from modelopt.torch.opt.utils import named_hparams
     from modelopt.torch.quantization.algorithms import QuantRecipe, QuantRecipeHparam
 
@@ -148,7 +150,7 @@ def run_autoquant(
         torch.cuda.reset_peak_memory_stats()
 
     clock.enter("load", spec.checkpoint)
-    model = load_model(spec.checkpoint, device)
+    model = load_model(spec.checkpoint, device, vision_attention=spec.vision_attention)
     pad_id = model.config.text_config.pad_token_id
     if pad_id is None:
         pad_id = 0
@@ -214,8 +216,8 @@ def run_autoquant(
             continue
         raw = {_name_of(r, mapping): float(hparam.get_score(r)) for r in searched}
         per_token = {k: v / max(stats["loss_tokens"], 1) for k, v in raw.items()}
-        clipped = {_name_of(r, mapping): float(s) for r, s in zip(stat["formats"], stat["scores"]) if r != no_quant}
-        costs = {_name_of(r, mapping): float(c) for r, c in zip(stat["formats"], stat["costs"])}
+        clipped = {_name_of(r, mapping): float(s) for r, s in zip(stat["formats"], stat["scores"], strict=True) if r != no_quant}
+        costs = {_name_of(r, mapping): float(c) for r, c in zip(stat["formats"], stat["costs"], strict=True)}
         selected = _name_of(best["recipe"][name], mapping)
         groups.append(
             {
@@ -240,6 +242,7 @@ def run_autoquant(
     return {
         "device": _device_info(device),
         "dtype": str(dtype).removeprefix("torch."),
+        "vision_attention": model.config.vision_config._attn_implementation,
         "batches": stats,
         "search": {
             "method": spec.method,

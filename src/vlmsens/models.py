@@ -56,7 +56,9 @@ def load_processor(checkpoint: str):
     return transformers.AutoProcessor.from_pretrained(source, local_files_only=local_only, trust_remote_code=False)
 
 
-def load_model(checkpoint: str, device: str, attn_implementation: str | None = "sdpa"):
+def load_model(checkpoint: str, device: str, attn_implementation: str | None = "sdpa", vision_attention: str = "varlen"):
+    """The checkpoint's model in eval mode; ``vision_attention='varlen'`` runs each vision layer's
+    windows in one SDPA call (see vlmsens.attention) instead of one call per window."""
     import torch
     import transformers
 
@@ -70,5 +72,11 @@ def load_model(checkpoint: str, device: str, attn_implementation: str | None = "
     model = transformers.AutoModelForImageTextToText.from_pretrained(source, **kwargs)
     if not device.startswith("cuda"):
         model.to(device)
+    if vision_attention == "varlen" and attn_implementation == "sdpa":
+        from .attention import use_for_vision
+
+        use_for_vision(model)
+    elif vision_attention not in ("varlen", "sdpa"):
+        raise VlmsensError(f"vision attention must be 'varlen' or 'sdpa', got {vision_attention!r}")
     model.eval()
     return model

@@ -1,0 +1,375 @@
+"""AutoQuantize cells on full-size Qwen-VL architectures (random weights) against plain ModelOpt.
+
+Each cell runs in a fresh process (like one Snakemake job). Two implementations:
+
+* ``ours``: vlmsens' cell (run_autoquant): caption-only loss with lm_head on caption positions,
+  length-bucketed batches with dynamic padding, all samples for calibration and scoring, and a
+  shared ModelOpt extension cache (built once, before the timed cells).
+* ``baseline``: plain ``mtq.auto_quantize`` as a script user writes it: one sample per batch
+  padded to 512 tokens, ``labels=input_ids`` (loss over the whole sequence), one process per
+  cell, and a cold extension cache (the CUDA extensions are JIT-built inside the timed run).
+
+Inputs are synthetic image+caption samples of COCO-like size: 640×480 images resized by the
+Qwen rule within [min_pixels, max_pixels], captions of 8-20 words (random token ids).
+
+Usage (on a GPU machine; see bench/RESULTS.md for the exact commands):
+    python bench/gpu_cell_bench.py --workdir /tmp/vb --out $OUT \\
+        --cell ours:qwen2_5_vl:wint8_aint8:all-layers:128 --cell baseline:qwen2_5_vl:wint8_aint8:all-layers:128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+IMAGE_SIZE = (480, 640)  # height, width of a typical COCO image
+PAD_TO = 512  # the baseline's fixed sequence length
+
+
+def _smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    return smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+def synthetic_samples(family_name: str, size: str, n: int, scope: str, seed: int = 0,
+                      min_pixels: int = 50176, max_pixels: int = 200704) -> list[dict]:
+    """Samples shaped like vlmsens.batches.encode_sample output, with random ids and pixels."""
+    import torch
+
+    from vlmsens.batches import IGNORE_INDEX
+    from vlmsens.families import get_family
+
+    family = get_family(family_name)
+    config = family.build_config(size)
+    vocab = config.text_config.vocab_size
+    vision = config.vision_config
+    patch, merge, temporal = vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size
+    if size == "tiny":
+        # tiny checkpoints use ids inside their own small vocabulary
+        ids = {"im_start": 1, "im_end": 2, "vision_start": 9, "vision_end": 10, "image_pad": 12}
+        min_pixels, max_pixels = min(min_pixels, 56 * 56), min(max_pixels, 112 * 112)
+        config.image_token_id, config.vision_start_token_id, config.vision_end_token_id = 12, 9, 10
+    else:
+        ids = {"im_start": 151644, "im_end": 151645, "vision_start": 151652, "vision_end": 151653, "image_pad": 151655}
+    generator = torch.Generator().manual_seed(seed)
+    text_hi = 500 if size == "tiny" else min(vocab, 151000) - 20
+
+    def words(k: int) -> list[int]:
+        return (torch.randint(20, text_hi, (k,), generator=generator)).tolist()
+
+    samples = []
+    for _ in range(n):
+        n_caption = int(torch.randint(8, 21, (1,), generator=generator)) * 13 // 10  # ~1.3 tokens per word
+        prompt = [ids["im_start"], *words(5), ids["im_end"], *words(1), ids["im_start"], *words(2)]
+        pixel_values = grid = None
+        if scope == "all-layers":
+            h, w = _smart_resize(*IMAGE_SIZE, factor=patch * merge, min_pixels=min_pixels, max_pixels=max_pixels)
+            gh, gw = h // patch, w // patch
+            n_image = gh * gw // (merge * merge)
+            prompt += [ids["vision_start"], *([ids["image_pad"]] * n_image), ids["vision_end"]]
+            pixel_values = torch.randn((gh * gw, 3 * temporal * patch * patch), generator=generator)
+            grid = torch.tensor([[1, gh, gw]])
+        prompt += [*words(7), ids["im_end"], *words(1), ids["im_start"], *words(2)]
+        caption = words(n_caption)
+        input_ids = torch.tensor(prompt + caption + [ids["im_end"], *words(1)])
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        labels[len(prompt): len(prompt) + n_caption] = input_ids[len(prompt): len(prompt) + n_caption]
+        sample = {"input_ids": input_ids, "labels": labels}
+        if family.needs_mm_token_type_ids:
+            sample["mm_token_type_ids"] = (input_ids == ids["image_pad"]).long()
+        if pixel_values is not None:
+            sample["pixel_values"] = pixel_values
+            sample["image_grid_thw"] = grid
+        samples.append(sample)
+    return samples
+
+
+def build_checkpoint(family_name: str, size: str, out: Path, device: str) -> Path:
+    """A random-weight checkpoint of the real architecture, saved like a downloaded one."""
+    import torch
+    import transformers
+
+    from vlmsens.families import get_family
+
+    if (out / "config.json").is_file():
+        return out
+    family = get_family(family_name)
+    config = family.build_config(size)
+    if size == "tiny":
+        config.image_token_id, config.vision_start_token_id, config.vision_end_token_id = 12, 9, 10
+        config.text_config.vocab_size = 512
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    model.save_pretrained(out)
+    del model
+    return out
+
+
+def param_counts(checkpoint: Path) -> dict[str, int]:
+    """Parameters of the text path (incl. lm_head) and of the vision tower, from the safetensors headers."""
+    from safetensors import safe_open
+
+    counts = {"text": 0, "vision": 0}
+    tied = json.loads((checkpoint / "config.json").read_text()).get("tie_word_embeddings", False)
+    for file in sorted(checkpoint.glob("*.safetensors")):
+        with safe_open(file, "pt") as handle:
+            for name in handle.keys():
+                numel = 1
+                for dim in handle.get_slice(name).get_shape():
+                    numel *= dim
+                if "visual" in name:
+                    counts["vision"] += numel
+                elif "embed_tokens" in name and not tied:
+                    continue  # a lookup, not a matmul
+                else:
+                    counts["text"] += numel
+    return counts
+
+
+def floor_flops(params: dict[str, int], samples: list[dict], n_formats: int) -> float:
+    """(6 + 2F)·P·T with P·T split into text params × tokens and vision params × patches."""
+    tokens = sum(int(s["input_ids"].shape[0]) for s in samples)
+    patches = sum(int(s["pixel_values"].shape[0]) for s in samples if "pixel_values" in s)
+    return (6 + 2 * n_formats) * (params["text"] * tokens + params["vision"] * patches)
+
+
+def run_ours(args) -> dict:
+
+    from vlmsens.autoquant import CellSpec, run_autoquant
+    from vlmsens.families import get_family
+    from vlmsens.formats import format_registry, resolve_format
+
+    samples = synthetic_samples(args.family, args.size, args.samples, args.scope)
+    formats = resolve_format(args.format, format_registry({"wfp8_or_wint8": {"candidates": ["wfp8_afp8", "wint8_aint8"]}}))
+    spec = CellSpec(model=f"{args.family}-{args.size}", family=get_family(args.family), checkpoint=args.checkpoint,
+                    format_name=args.format, formats=formats, scope=args.scope, size=str(args.samples),
+                    effective_bits=8.5 if "4" not in args.format else 4.8, method="gradient",
+                    batch_size=args.batch, device=args.device)
+    start = time.perf_counter()
+    result = run_autoquant(spec, samples, progress=lambda line: print(f"[ours] {line}", flush=True))
+    wall = time.perf_counter() - start
+    groups = sorted(result["groups"], key=lambda g: -g["scores_per_token"][formats[0].name])
+    return {
+        "wall_s": wall,
+        "phases_s": result["timings_s"],
+        "peak_memory": result["peak_memory"],
+        "tokens": result["batches"]["tokens"],
+        "loss_tokens": result["batches"]["loss_tokens"],
+        "padding_fraction": result["batches"]["padding_fraction"],
+        "groups": len(result["groups"]),
+        "excluded_groups": len(result["excluded_groups"]),
+        "bits_achieved": result["search"]["effective_bits_achieved"],
+        "vision_groups_nonzero": all(g["scores_raw"][formats[0].name] > 0 for g in result["groups"] if g["tower"] == "vision"),
+        "top5": [g["layer"] for g in groups[:5]],
+        "n_formats": len(formats),
+        "device": result["device"],
+        "torch_dtype": result["dtype"],
+        "scores": {g["layer"]: g["scores_per_token"][formats[0].name] for g in result["groups"]},
+    }
+
+
+def run_baseline(args) -> dict:
+    """Plain ModelOpt usage: batch 1, padded to 512, labels=input_ids, cold extension build."""
+    import modelopt.torch.quantization as mtq
+    import torch
+
+    from vlmsens.formats import format_registry, resolve_format
+    from vlmsens.models import load_model
+
+    samples = synthetic_samples(args.family, args.size, args.samples, args.scope)
+    device = args.device
+    phases = {}
+    t0 = time.perf_counter()
+    model = load_model(args.checkpoint, device, vision_attention="sdpa")  # transformers as shipped
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    phases["load"] = time.perf_counter() - t0
+    pad_id = 151643 if args.size == "full" else 0
+    data = []
+    for s in samples:
+        ids = s["input_ids"][:PAD_TO]
+        n = ids.shape[0]
+        input_ids = torch.full((1, PAD_TO), pad_id, dtype=torch.long)
+        input_ids[0, :n] = ids
+        mask = torch.zeros((1, PAD_TO), dtype=torch.long)
+        mask[0, :n] = 1
+        batch = {"input_ids": input_ids, "attention_mask": mask, "labels": input_ids.clone()}
+        if "mm_token_type_ids" in s:
+            mm = torch.zeros((1, PAD_TO), dtype=torch.long)
+            mm[0, :n] = s["mm_token_type_ids"][:PAD_TO]
+            batch["mm_token_type_ids"] = mm
+        if "pixel_values" in s:
+            batch["pixel_values"] = s["pixel_values"].to(torch.bfloat16 if device.startswith("cuda") else torch.float32)
+            batch["image_grid_thw"] = s["image_grid_thw"]
+        data.append({k: v.to(device) for k, v in batch.items()})
+    formats = [f.modelopt_config for f in resolve_format(args.format, format_registry({"wfp8_or_wint8": {"candidates": ["wfp8_afp8", "wint8_aint8"]}}))]
+    t1 = time.perf_counter()
+    model, state = mtq.auto_quantize(
+        model,
+        constraints={"effective_bits": 8.5 if "4" not in args.format else 4.8},
+        quantization_formats=formats,
+        data_loader=data,
+        forward_step=lambda m, b: m(**b),
+        loss_func=lambda out, b: out.loss,
+        num_calib_steps=len(data),
+        num_score_steps=len(data),
+        verbose=False,
+    )
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    phases["auto_quantize"] = time.perf_counter() - t1
+    peak = {}
+    if device.startswith("cuda"):
+        peak = {"gpu_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
+    stats = state["candidate_stats"]
+    scores = {}
+    for name, stat in stats.items():
+        layer = name.removesuffix(".quant_recipe")
+        searched = [s for f, s in zip(stat["formats"], stat["scores"], strict=True) if str(f).split("(")[0] != "NONE"]
+        if searched:
+            scores[layer] = float(searched[0])
+    return {
+        "wall_s": time.perf_counter() - t0,
+        "phases_s": phases,
+        "peak_memory": peak,
+        "tokens": PAD_TO * len(data),
+        "groups": len(stats),
+        "bits_achieved": state["best"]["constraints"].get("effective_bits"),
+        "n_formats": len(formats),
+        "scores": scores,
+    }
+
+
+def run_one(args) -> None:
+    runner = run_ours if args.impl == "ours" else run_baseline
+    if args.profile:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with profile(activities=activities) as prof:
+            result = runner(args)
+        averages = prof.key_averages()
+        sort_key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+        Path(args.result).with_suffix(".profile.txt").write_text(
+            averages.table(sort_by=sort_key, row_limit=40) + "\n\n" + averages.table(sort_by="cpu_time_total", row_limit=25)
+        )
+    else:
+        result = runner(args)
+    params = param_counts(Path(args.checkpoint))
+    samples = synthetic_samples(args.family, args.size, args.samples, args.scope)
+    flops = floor_flops(params, samples, result["n_formats"])
+    busy = sum(v for k, v in result["phases_s"].items() if k != "load")
+    result.update(
+        impl=args.impl, family=args.family, format=args.format, scope=args.scope, samples=args.samples, batch=args.batch,
+        params=params, floor_flops=flops, effective_tflops=flops / busy / 1e12 if busy else None,
+        real_tokens=sum(int(s["input_ids"].shape[0]) for s in samples),
+    )
+    result["tokens_per_s"] = result["real_tokens"] / busy if busy else None
+    Path(args.result).write_text(json.dumps(result, indent=1))
+
+
+def prebuild_extensions() -> float:
+    """Build (or load from the cache) ModelOpt's CUDA extensions; returns seconds spent."""
+    start = time.perf_counter()
+    from modelopt.torch.quantization import extensions
+
+    extensions.get_cuda_ext(raise_if_failed=True)
+    extensions.get_cuda_ext_fp8(raise_if_failed=True)
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "vlmsens-bench")
+    parser.add_argument("--out", type=Path, default=Path("."))
+    parser.add_argument("--size", default="full", choices=["full", "tiny"])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--cell", action="append", default=[], help="impl:family:format:scope:samples[:batch]")
+    # internal: one cell in this process
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--impl"), parser.add_argument("--family"), parser.add_argument("--format")
+    parser.add_argument("--scope"), parser.add_argument("--samples", type=int), parser.add_argument("--checkpoint")
+    parser.add_argument("--result")
+    parser.add_argument("--baseline-warm-extensions", action="store_true",
+                        help="let the baseline reuse the extension cache; add the cold build measured in the same call instead")
+    parser.add_argument("--profile", action="store_true", help="run the cells under torch.profiler (slower; op table next to each result)")
+    args = parser.parse_args(argv)
+    if args.one:
+        run_one(args)
+        return 0
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    warm_cache = args.workdir / "torch_extensions"
+    report = {"cells": [], "extension_build_s": None}
+    if args.device.startswith("cuda"):
+        env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(warm_cache)}
+        code = "import sys; sys.path.insert(0, sys.argv[1]); from gpu_cell_bench import prebuild_extensions; print(prebuild_extensions())"
+        out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], env=env, capture_output=True, text=True, check=True)
+        report["extension_build_s"] = float(out.stdout.strip().splitlines()[-1])
+        print(f"extension build (shared cache, paid once): {report['extension_build_s']:.1f} s", flush=True)
+    for spec in args.cell:
+        impl, family, fmt, scope, n, *rest = spec.split(":")
+        batch = int(rest[0]) if rest else args.batch
+        checkpoint = build_checkpoint(family, args.size, args.workdir / f"{family}-{args.size}", args.device)
+        result_file = args.out / f"{impl}-{family}-{fmt}-{scope}-{n}-b{batch}.json"
+        env = dict(os.environ)
+        cold = impl == "baseline" and not args.baseline_warm_extensions
+        env["TORCH_EXTENSIONS_DIR"] = tempfile.mkdtemp(prefix="cold-ext-", dir=args.workdir) if cold else str(warm_cache)
+        cmd = [sys.executable, __file__, "--one", "--impl", impl, "--family", family, "--format", fmt, "--scope", scope,
+               "--samples", n, "--checkpoint", str(checkpoint), "--result", str(result_file), "--size", args.size,
+               "--device", args.device, "--batch", str(batch)] + (["--profile"] if args.profile else [])
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, text=True, capture_output=True)
+        process_wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            print(proc.stdout[-3000:], proc.stderr[-6000:], flush=True)
+            report["cells"].append({"cell": spec, "error": proc.stderr[-2000:]})
+            continue
+        result = json.loads(result_file.read_text())
+        result["process_wall_s"] = process_wall
+        result_file.write_text(json.dumps(result, indent=1))
+        report["cells"].append({"cell": spec, **{k: v for k, v in result.items() if k != "scores"}})
+        print(f"{spec}: process {process_wall:.1f} s, in-process {result['wall_s']:.1f} s, phases "
+              + ", ".join(f"{k} {v:.1f}" for k, v in result["phases_s"].items())
+              + f", peak {result['peak_memory']}, eff. {result['effective_tflops'] or 0:.1f} TFLOP/s", flush=True)
+        (args.out / "bench_report.json").write_text(json.dumps(report, indent=1))
+    print(render_table(report))
+    return 0
+
+
+def render_table(report: dict) -> str:
+    from tabulate import tabulate
+
+    rows = []
+    for c in report["cells"]:
+        if "error" in c:
+            rows.append([c["cell"], "ERROR", "", "", "", "", ""])
+            continue
+        rows.append([
+            c["cell"], f"{c['process_wall_s']:.1f}", f"{c['wall_s']:.1f}",
+            " ".join(f"{k}={v:.1f}" for k, v in c["phases_s"].items()),
+            c["peak_memory"].get("gpu_allocated_gib", c["peak_memory"].get("host_rss_gib")),
+            f"{c['tokens_per_s']:.0f}" if c.get("tokens_per_s") else "",
+            f"{c['effective_tflops']:.2f}" if c.get("effective_tflops") else "",
+        ])
+    return tabulate(rows, headers=["cell", "process s", "in-process s", "phases s", "peak GiB", "real tok/s", "floor TFLOP/s"], tablefmt="github")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
