@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import FAMILIES, MAX_PIXELS, MIN_PIXELS
+
 from vlmsens.autoquant import CellSpec, run_autoquant
 from vlmsens.batches import IGNORE_INDEX, PromptSettings, collate, encode_sample, encode_samples, make_batches
 from vlmsens.calib import build_subset, read_calib_db
@@ -268,3 +268,46 @@ def test_results_are_deterministic(tiny_checkpoints, subsets, demo_coco):
     b = _cell(tiny_checkpoints[family], family, "wint8_aint8", "all-layers", samples)
     assert [g["scores_raw"] for g in a["groups"]] == [g["scores_raw"] for g in b["groups"]]
     assert [g["selected_format"] for g in a["groups"]] == [g["selected_format"] for g in b["groups"]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_varlen_vision_attention_computes_the_same_function(tiny_checkpoints, subsets, demo_coco, family):
+    """One SDPA call over padded windows equals transformers' per-window loop, forward and backward."""
+    import transformers
+
+    from vlmsens.attention import NAME, use_for_vision
+
+    samples = _encoded(tiny_checkpoints[family], subsets["small"], demo_coco, "all-layers")
+    batch = {k: v for k, v in make_batches(samples, 4, pad_token_id=0)[0].items() if k != "labels"}
+    models = []
+    for varlen in (False, True):
+        model = transformers.AutoModelForImageTextToText.from_pretrained(tiny_checkpoints[family], attn_implementation="sdpa", local_files_only=True)
+        if varlen:
+            assert use_for_vision(model) and model.config.vision_config._attn_implementation == NAME
+        model.eval()
+        out = model(**batch).logits
+        out.float().square().mean().backward()
+        models.append((model, out.detach()))
+    (ref, ref_out), (new, new_out) = models
+    assert torch.allclose(ref_out, new_out, atol=1e-5, rtol=1e-4)
+    g_ref = ref.model.visual.blocks[0].attn.qkv.weight.grad
+    g_new = new.model.visual.blocks[0].attn.qkv.weight.grad
+    assert (g_ref - g_new).norm() / g_ref.norm() < 1e-4
+
+
+def test_varlen_vision_attention_keeps_the_scores(planted, subsets, demo_coco):
+    family = "qwen2_5_vl"  # windowed vision attention: many pieces per image
+    samples = _encoded(planted[family], subsets["small"], demo_coco, "all-layers")
+    results = {}
+    for attention in ("sdpa", "varlen"):
+        spec = CellSpec(model="tiny", family=get_family(family), checkpoint=str(planted[family]), format_name="wint8_aint8",
+                        formats=resolve_format("wint8_aint8", format_registry({})), scope="all-layers", size="small",
+                        effective_bits=8.5, batch_size=4, device="cpu", vision_attention=attention)
+        results[attention] = run_autoquant(spec, samples, progress=lambda _: None)
+    assert results["varlen"]["vision_attention"] != results["sdpa"]["vision_attention"]
+    a = {g["layer"]: g["scores_raw"]["wint8_aint8"] for g in results["sdpa"]["groups"]}
+    b = {g["layer"]: g["scores_raw"]["wint8_aint8"] for g in results["varlen"]["groups"]}
+    assert a.keys() == b.keys()
+    for layer in a:
+        assert b[layer] == pytest.approx(a[layer], rel=1e-3, abs=1e-12), layer
+    assert _ranking(results["sdpa"], "wint8_aint8")[:3] == _ranking(results["varlen"], "wint8_aint8")[:3]
