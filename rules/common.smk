@@ -4,6 +4,7 @@ import sys
 
 from vlmsens.config import check_config, grid_cells, is_demo_coco, is_demo_model
 from vlmsens.errors import VlmsensError
+from vlmsens.recipes import budget_slug
 
 try:
     check_config(config)
@@ -92,3 +93,38 @@ def checkpoint_of(wildcards):
 def batch_size_for_attempt(wildcards, attempt):
     """Each retry after a failure (e.g. CUDA out of memory) halves the batch."""
     return max(1, config["autoquant"]["batch_size"] // 2 ** (attempt - 1))
+
+
+# --- Reports and recipes (rules/report.smk) ---------------------------------------------------
+BUDGETS = [float(b) for b in config["report"]["budgets"]]
+RECIPE_DIR = f"{OUT}/recipes/{{model}}/{{format}}/{{scope}}/{{size}}"
+FAMILIES_IN_GRID = sorted({config["models"][m]["family"] for m in GRID["models"]})
+
+
+def per_budget(pattern):
+    """One path per configured budget; the cell wildcards stay in place."""
+    return [pattern.replace("{budget}", budget_slug(b)) for b in BUDGETS]
+
+
+def per_cell(pattern):
+    """``pattern`` (with {model}, {format}, {scope}, {size}) filled for every cell of the grid."""
+    return [pattern.format(model=c.model, format=c.format, scope=c.scope, size=c.size) for c in grid_cells(config)]
+
+
+def model_manifests(wildcards):
+    """The manifests of one model's cells (per-model reports)."""
+    return [cell_paths(c)["manifest"] for c in grid_cells(config) if c.model == wildcards.model]
+
+
+def model_recipe_summaries(wildcards):
+    """The recipes.json of one model's cells."""
+    return [
+        rules.recipes.output.summary_json.format(model=c.model, format=c.format, scope=c.scope, size=c.size)
+        for c in grid_cells(config)
+        if c.model == wildcards.model
+    ]
+
+
+def cross_model_reports():
+    """The family comparison by relative depth: only when the grid holds two model families."""
+    return [rules.depth_profile.output.png] if len(FAMILIES_IN_GRID) >= 2 else []

@@ -1,0 +1,221 @@
+"""The workflow as users drive it: the demo end to end, lint, a dry run of the real grid,
+rerunning one cell, and configs that must fail before any job starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+WORKFLOW_PARTS = ("Snakefile", "rules", "config", "workflow", "docs", "profiles", "envs")
+DEMO = ["--configfile", "config/demo.yaml", "--replace-workflow-config"]
+CELL_FILES = ("per-layer-sensitivity.json", "per-layer-sensitivity.md", "quant_manifest.json", "autoquant_state.pt")
+
+pytestmark = pytest.mark.workflow
+
+
+def copy_workflow(dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for part in WORKFLOW_PARTS:
+        src = REPO / part
+        if src.is_dir():
+            shutil.copytree(src, dest / part, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, dest / part)
+    return dest
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([SNAKEMAKE, *args], cwd=workdir, capture_output=True, text=True, env=env, timeout=3600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """Rule -> job count from Snakemake's 'Job stats' table."""
+    counts = {}
+    table = output.split("Job stats:", 1)[1] if "Job stats:" in output else ""
+    for line in table.splitlines()[3:]:
+        match = re.match(r"^(\w+)\s+(\d+)\s*$", line.strip())
+        if not match:
+            if line.strip().startswith("total"):
+                break
+            continue
+        counts[match.group(1)] = int(match.group(2))
+    return counts
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    workdir = copy_workflow(tmp_path_factory.mktemp("demo"))
+    proc = snakemake(workdir, *DEMO, "--cores", "2")
+    return workdir, proc.stdout + proc.stderr
+
+
+def test_demo_writes_every_cell_and_the_report(demo_run):
+    workdir, log = demo_run
+    out = workdir / "results" / "demo"
+    cells = sorted(out.glob("autoquant/*/*/*/*"))
+    assert len(cells) == 24
+    for cell in cells:
+        for name in CELL_FILES:
+            assert (cell / name).stat().st_size > 0, cell / name
+    for name in ("summary.md", "summary.csv", "rank_stability.csv"):
+        assert (out / "reports" / name).is_file()
+    for model in ("tiny_qwen2_5_vl", "tiny_qwen3_vl"):
+        assert (out / "reports" / model / "sensitivity.png").stat().st_size > 10_000
+    assert (out / "calib" / "coco2017_vlm_eval.db").is_file()
+    # Every job left a log and a benchmark record.
+    assert len(list((out / "logs" / "autoquant").rglob("*.log"))) == 24
+    assert len(list((out / "benchmarks" / "autoquant").rglob("*.tsv"))) == 24
+    manifest = json.loads((out / "autoquant/tiny_qwen3_vl/wint8_aint8/all-layers/large/quant_manifest.json").read_text())
+    assert manifest["batches"]["samples"] == 32
+    assert manifest["cell"] == {
+        "model": "tiny_qwen3_vl", "family": "qwen3_vl", "checkpoint": "results/demo/inputs/checkpoints/tiny_qwen3_vl",
+        "format": "wint8_aint8", "candidates": ["wint8_aint8"], "scope": "all-layers", "size": "large",
+    }
+
+
+def test_demo_sizes_are_nested_and_distinct(demo_run):
+    from vlmsens.calib import read_calib_db
+
+    workdir, _ = demo_run
+    calib = workdir / "results" / "demo" / "calib"
+    rows = {s: read_calib_db(calib / f"coco2017_vlm_calib_{s}.db")[0] for s in ("small", "medium", "large")}
+    assert [len(rows[s]) for s in ("small", "medium", "large")] == [8, 16, 32]
+    assert rows["medium"][:8] == rows["small"] and rows["large"][:16] == rows["medium"]
+    eval_rows, _ = read_calib_db(calib / "coco2017_vlm_eval.db")
+    assert not {r.image_relpath for r in eval_rows} & {r.image_relpath for r in rows["large"]}
+
+
+def test_rerun_one_cell_runs_exactly_that_cell(demo_run):
+    workdir, _ = demo_run
+    cell = workdir / "results/demo/autoquant/tiny_qwen2_5_vl/wfp8_afp8/lm-only/medium"
+    untouched = workdir / "results/demo/autoquant/tiny_qwen3_vl/wint8_aint8/all-layers/small/quant_manifest.json"
+    before = untouched.stat().st_mtime_ns
+    (cell / "per-layer-sensitivity.json").unlink()
+    dry = snakemake(workdir, *DEMO, "-n")
+    assert job_counts(dry.stdout)["autoquant"] == 1
+    run = snakemake(workdir, *DEMO, "--cores", "2")
+    counts = job_counts(run.stdout + run.stderr)
+    assert counts.get("autoquant") == 1, counts
+    assert not {"prepare_samples", "coco_subset", "demo_checkpoint", "demo_coco"} & set(counts)
+    assert (cell / "per-layer-sensitivity.json").is_file()
+    assert untouched.stat().st_mtime_ns == before
+    # Targeting a single file reruns just that cell too.
+    target = str(cell.relative_to(workdir) / "quant_manifest.json")
+    forced = snakemake(workdir, *DEMO, "-n", "--forcerun", target, "--", target)
+    assert job_counts(forced.stdout) == {"autoquant": 1}
+    # Nothing is left to do afterwards.
+    after = snakemake(workdir, *DEMO, "-n")
+    assert "Nothing to be done" in after.stdout + after.stderr
+
+
+def test_lint_is_clean(tmp_path):
+    workdir = copy_workflow(tmp_path)
+    proc = snakemake(workdir, *DEMO, "--lint")
+    assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr
+
+
+def rule_edges(mermaid: str) -> set[tuple[str, str]]:
+    """(upstream rule, downstream rule) pairs of a mermaid rule graph; ids and order vary per run."""
+    names = dict(re.findall(r"^\s*(id\d+)\[(\w+)\]", mermaid, flags=re.M))
+    edges = re.findall(r"^\s*(id\d+) --> (id\d+)", mermaid, flags=re.M)
+    return {(names[a], names[b]) for a, b in edges} | {(n, n) for n in names.values()}
+
+
+def test_committed_rulegraph_is_current(tmp_path):
+    workdir = copy_workflow(tmp_path)
+    current = rule_edges(snakemake(workdir, *DEMO, "--rulegraph", "mermaid-js").stdout)
+    committed = rule_edges((REPO / "docs" / "rulegraph.mmd").read_text())
+    assert len(current) > 10
+    assert current == committed, "docs/rulegraph.mmd is stale: run `make dag`"
+
+
+def _placeholder_coco(root: Path) -> Path:
+    (root / "annotations").mkdir(parents=True)
+    for split in ("train2017", "val2017"):
+        (root / "annotations" / f"captions_{split}.json").write_text('{"images": [], "annotations": []}')
+    return root
+
+
+def test_dry_run_of_the_real_grid(tmp_path):
+    workdir = copy_workflow(tmp_path / "wf")
+    coco = _placeholder_coco(tmp_path / "coco")
+    proc = snakemake(workdir, "-n", "--config", f"coco={{root: {coco}}}")
+    counts = job_counts(proc.stdout)
+    assert counts["coco_subset"] == 3
+    assert counts["autoquant"] == 24
+    assert counts["prepare_samples"] == 12
+    assert "demo_checkpoint" not in counts and "demo_coco" not in counts
+
+
+def _demo_config() -> dict:
+    return yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+
+
+def _real_coco_root(config):
+    config["coco"] = {"root": "/nonexistent/coco2017"}
+
+
+def _missing_checkpoint(config):
+    config["models"]["tiny_qwen3_vl"] = {"family": "qwen3_vl", "checkpoint": "/nonexistent/ckpt"}
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda c: c.update(unknwon_key=1), "unknwon_key"),
+        (lambda c: c["grid"]["formats"].append("wint3_aint3"), "wint3_aint3"),
+        (lambda c: c["sizes"].update(small=0), "small"),
+        (lambda c: c["grid"]["models"].append("qwen9"), "qwen9"),
+        (lambda c: c["grid"]["scopes"].append("vision-only"), "vision-only"),
+        (lambda c: c["grid"]["sizes"].append("huge"), "huge"),
+        (_real_coco_root, "coco.root"),
+        (_missing_checkpoint, "models.tiny_qwen3_vl.checkpoint"),
+        (lambda c: c["autoquant"].update(method="hessian"), "hessian"),
+        (lambda c: c.update(formats={"bad": {"candidates": ["wfp8_afp8", "nope"]}}), "nope"),
+    ],
+    ids=["unknown-key", "unknown-format", "zero-size", "unknown-model", "unknown-scope", "unknown-size",
+         "missing-coco-root", "missing-checkpoint", "unknown-method", "bad-candidate"],
+)
+def test_bad_config_fails_before_any_job_with_the_key_named(tmp_path, mutate, expected):
+    workdir = copy_workflow(tmp_path)
+    config = _demo_config()
+    mutate(config)
+    (workdir / "bad.yaml").write_text(yaml.safe_dump(config))
+    proc = snakemake(workdir, "--configfile", "bad.yaml", "--replace-workflow-config", "-n", check=False)
+    assert proc.returncode != 0
+    assert expected in proc.stdout + proc.stderr
+    assert not (workdir / "results").exists()
+
+
+def test_prebuilt_legacy_dbs_without_images_fail_clearly(tmp_path):
+    legacy = REPO.parent / "shared" / "legacy-calib"
+    if not legacy.is_dir():
+        pytest.skip(f"legacy calibration fixture not present at {legacy}")
+    workdir = copy_workflow(tmp_path / "wf")
+    coco = _placeholder_coco(tmp_path / "coco")
+    config = _demo_config()
+    config["coco"] = {"root": str(coco), "prebuilt_dir": str(legacy)}
+    config["sizes"] = {"small": 16, "medium": 128}
+    config["grid"]["sizes"] = ["small", "medium"]
+    (workdir / "legacy.yaml").write_text(yaml.safe_dump(config))
+    target = "results/demo/calib/coco2017_vlm_calib_small.db"
+    proc = snakemake(workdir, "--configfile", "legacy.yaml", "--replace-workflow-config", "--cores", "1", target, check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "coco2017_vlm_calib_small.db" in text and "file not found" in text
+    assert "train2017/000000448463.jpg" in text
+    assert not (workdir / target).exists()
