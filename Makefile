@@ -7,7 +7,7 @@ STAMP := $(VENV)/.vlmsens-installed
 SNAKEMAKE := $(BIN)/snakemake
 DEMO := --configfile config/demo.yaml --replace-workflow-config
 
-.PHONY: env demo report test lint dag clean-demo
+.PHONY: env demo report test test-slurm lint dag clean-demo
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ report: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+test-slurm: $(STAMP)
+	$(BIN)/python -m pytest -m slurm tests/test_slurm.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

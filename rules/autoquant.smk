@@ -40,6 +40,7 @@ rule autoquant:
         autoquant_cfg=dict(sorted(config["autoquant"].items())),
         seed=config["seed"],
         extensions_cache=f"{OUT}/.cache/torch_extensions",
+        gpu_locks=f"{OUT}/.locks/gpu",
     threads: 2
     resources:
         gpu=1,

@@ -7,10 +7,10 @@ import sys
 import warnings
 
 
-def setup(log_path: str | None, prefix: str = "") -> logging.Logger:
+def setup(log_path: str | None, prefix: str = "", mode: str = "w") -> logging.Logger:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_path:
-        handlers.append(logging.FileHandler(log_path, mode="w"))
+        handlers.append(logging.FileHandler(log_path, mode=mode))
     fmt = "%(asctime)s %(levelname)s " + (f"[{prefix}] " if prefix else "") + "%(message)s"
     logging.basicConfig(level=logging.INFO, format=fmt, handlers=handlers, force=True)
     logging.captureWarnings(True)
@@ -19,11 +19,14 @@ def setup(log_path: str | None, prefix: str = "") -> logging.Logger:
     return logging.getLogger("vlmsens")
 
 
-def run_logged(log_path: str | None, prefix: str, func, *args, **kwargs):
-    """Run ``func`` with logging set up; a VlmsensError becomes a one-paragraph error and exit 1."""
+def run_logged(log_path: str | None, prefix: str, func, *args, log_mode: str = "w", **kwargs):
+    """Run ``func`` with logging set up; a VlmsensError becomes a one-paragraph error and exit 1.
+
+    ``log_mode="a"`` continues a log the script already started (e.g. with the GPU slot it took).
+    """
     from .errors import VlmsensError
 
-    logger = setup(log_path, prefix)
+    logger = setup(log_path, prefix, mode=log_mode)
     try:
         return func(*args, progress=logger.info, **kwargs) if _takes_progress(func) else func(*args, **kwargs)
     except VlmsensError as err:

@@ -1,0 +1,175 @@
+"""The demo grid through a real SLURM cluster: `snakemake --profile profiles/slurm`, end to end.
+
+tests/slurm/setup_cluster.sh brings up (idempotently) a one-node SLURM cluster on this machine from
+the Debian packages slurm-wlm and munge: slurmctld + slurmd, authenticated by munge, installing the
+packages first when they are missing. It needs root and apt-get; without them the test is skipped,
+saying so. In CI (a fresh machine, root) it installs and runs.
+
+What the cluster lacks, and what the test changes for it:
+
+* GPUs. The node declares two *fake* GPUs as a gpu GRES (gres.conf points at two /dev/null-like
+  device files). SLURM schedules the AutoQuant cells' `--gpus=1` exactly as on a GPU node, at most
+  two at once, and sets CUDA_VISIBLE_DEVICES=0 or 1 in each job; no GPU request is mapped to CPU.
+  The demo's AutoQuant runs on CPU (`autoquant.device: cpu` in config/demo.yaml), so nothing touches
+  CUDA. The test checks that every cell's log shows the GPU slot taking SLURM's allocation.
+* Size. The node has the CPUs and memory of this machine, so the profile's autoquant request
+  (64000 MB, 4 CPUs per GPU) could never be scheduled: the test profile, generated from
+  profiles/slurm/config.yaml, lowers it to 6000 MB and 1 CPU per GPU. Nothing else changes.
+* Profiles. The command is the documented one, `--profile profiles/slurm --workflow-profile none`
+  (with the test profile in place of profiles/slurm): without `--workflow-profile none`, Snakemake
+  layers profiles/default over it, whose `resources: gpu=1` would run the cells one at a time. The
+  test checks that both fake GPUs were used.
+* Accounting. No slurmdbd: `sacct` (the plugin's default status command) fails without it, so the
+  test profile sets `slurm-status-command: squeue`, which the plugin supports and trusts because
+  MinJobAge is 1 h. Finished jobs are checked with `squeue --states=all` (comment = rule and
+  wildcards) and with `sacct --completion` (the job completion log, jobcomp/filetxt).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SETUP = ROOT / "tests" / "slurm" / "setup_cluster.sh"
+WORKFLOW_PARTS = ["Snakefile", "rules", "config", "workflow", "docs", "profiles", "envs"]
+N_CELLS = 24
+CELL_FILES = ["per-layer-sensitivity.json", "per-layer-sensitivity.md", "quant_manifest.json", "autoquant_state.pt"]
+
+# Overrides of profiles/slurm/config.yaml for the one small CPU node (see the module docstring).
+TEST_PROFILE_OVERRIDES = {
+    "slurm-status-command": "squeue",
+    "slurm-init-seconds-before-status-checks": 5,
+    "slurm-keep-successful-logs": True,
+}
+AUTOQUANT_OVERRIDES = {"mem_mb": 6000, "cpus_per_gpu": 1}
+
+pytestmark = [pytest.mark.slurm, pytest.mark.workflow]
+
+
+def _why_not_runnable() -> str | None:
+    if not sys.platform.startswith("linux"):
+        return f"a local SLURM cluster needs Linux, this is {sys.platform}"
+    if os.geteuid() != 0:
+        return "bringing up SLURM (apt-get install slurm-wlm munge, /etc/slurm, daemons) needs root; run as root or in CI"
+    if not shutil.which("slurmctld") and not shutil.which("apt-get"):
+        return "SLURM is not installed and there is no apt-get to install slurm-wlm and munge"
+    return None
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    reason = _why_not_runnable()
+    if reason:
+        pytest.skip(f"SLURM test not run: {reason}")
+    proc = subprocess.run(["bash", str(SETUP)], capture_output=True, text=True, timeout=1200)
+    if proc.returncode in (77, 78):  # the script's own "cannot run here"
+        pytest.skip(f"SLURM test not run: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, f"SLURM cluster set-up failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def _test_profile(workdir: Path) -> Path:
+    profile = yaml.safe_load((workdir / "profiles" / "slurm" / "config.yaml").read_text())
+    profile.update(TEST_PROFILE_OVERRIDES)
+    profile["set-resources"]["autoquant"].update(AUTOQUANT_OVERRIDES)
+    folder = workdir / "profiles" / "slurm-test"
+    folder.mkdir()
+    (folder / "config.yaml").write_text(
+        "# profiles/slurm/config.yaml with tests/test_slurm.py's overrides for a one-node CPU cluster\n"
+        + yaml.safe_dump(profile, sort_keys=False)
+    )
+    return folder
+
+
+def _job_stats(output: str) -> Counter:
+    """Snakemake's 'Job stats' table: jobs per rule."""
+    table = output.split("Job stats:", 1)[1]
+    counts = Counter()
+    for line in table.splitlines()[3:]:
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            break
+        if parts[0] != "total":
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+@pytest.mark.timeout(3600)  # ~15 min on 2 CPUs for the 105 demo jobs; the suite default is 1800 s
+def test_demo_grid_through_slurm(slurm_cluster, tmp_path, capsys):
+    workdir = tmp_path / "vlmsens"
+    workdir.mkdir()
+    for part in WORKFLOW_PARTS:
+        src = ROOT / part
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, workdir / part)
+    profile = _test_profile(workdir)
+
+    # --workflow-profile none: profiles/default (one machine, `resources: gpu=1`) would otherwise be
+    # layered over the SLURM profile and run the 24 GPU cells one at a time (README, "Beyond one GPU").
+    cmd = [sys.executable, "-m", "snakemake", "--profile", str(profile.relative_to(workdir)), "--workflow-profile", "none",
+           "--configfile", "config/demo.yaml", "--replace-workflow-config"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "CUDA_VISIBLE_DEVICES"}
+    t0 = time.monotonic()
+    run = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=3300)
+    wall = time.monotonic() - t0
+    output = run.stdout + run.stderr
+    (tmp_path / "snakemake.out").write_text(output)
+    assert run.returncode == 0, f"snakemake --profile slurm failed after {wall:.0f} s:\n{output[-20000:]}"
+
+    # Every non-local job was an sbatch job of this cluster.
+    stats = _job_stats(output)
+    remote = {rule: n for rule, n in stats.items() if rule != "all"}  # `all` has no action: runs locally
+    job_ids = sorted(set(re.findall(r"submitted with SLURM jobid (\d+)", output)), key=int)
+    assert len(job_ids) >= sum(remote.values()), f"{len(job_ids)} SLURM jobs for {remote}"
+
+    queue = subprocess.run(["squeue", "--states=all", "--noheader", "--jobs", ",".join(job_ids),
+                            "--format=%i|%j|%k|%T"], capture_output=True, text=True, check=True).stdout
+    rows = [line.split("|") for line in queue.splitlines() if line.strip()]
+    assert len(rows) == len(job_ids), f"squeue knows {len(rows)} of {len(job_ids)} jobs:\n{queue}"
+    assert {row[3] for row in rows} == {"COMPLETED"}, queue
+    assert len({row[1] for row in rows}) == 1, "the jobs of one run share the run's uuid as job name"
+    per_rule = Counter(re.match(r"rule_(.+?)(_wildcards_.*)?$", row[2]).group(1) for row in rows)
+    assert per_rule == Counter(remote), f"rule names in the SLURM comments {per_rule} != Snakemake's {remote}"
+
+    completion = subprocess.run(["sacct", "--completion", "--parsable2", "--noheader", "--jobs", ",".join(job_ids),
+                                 "--format=JobIdRaw,State"], capture_output=True, text=True, check=True).stdout
+    done = {line.split("|")[0] for line in completion.splitlines() if line.endswith("|COMPLETED")}
+    assert done == set(job_ids), f"sacct --completion misses {set(job_ids) - done}"
+
+    # The 24 cells, the reports, and each cell on the GPU SLURM gave it.
+    out = workdir / "results" / "demo"
+    cells = sorted(out.glob("autoquant/*/*/*/*"))
+    assert len(cells) == N_CELLS
+    for cell in cells:
+        for name in CELL_FILES:
+            assert (cell / name).is_file() and (cell / name).stat().st_size > 0, cell / name
+    assert (out / "reports" / "summary.md").is_file()
+    logs = sorted((out / "logs" / "autoquant").rglob("*.log"))
+    assert len(logs) == N_CELLS
+    devices = Counter()
+    for log in logs:
+        m = re.search(r"GPU slot: SLURM job (\d+), using the GPU\(s\) SLURM allocated: CUDA_VISIBLE_DEVICES=(\S+)",
+                      log.read_text())
+        assert m, f"{log} does not show the SLURM GPU allocation"
+        assert m.group(1) in job_ids
+        devices[m.group(2)] += 1
+    # Cells ran side by side on both (fake) GPUs: nothing serialises the GPU jobs on the Snakemake side.
+    assert set(devices) == {"0", "1"}, devices
+    sbatch_logs = list((workdir / ".snakemake" / "slurm_logs" / "rule_autoquant").rglob("*.log"))
+    assert len(sbatch_logs) == N_CELLS
+
+    with capsys.disabled():
+        print(f"\n[test_slurm] demo grid through SLURM: {len(job_ids)} sbatch jobs "
+              f"({', '.join(f'{r} {n}' for r, n in sorted(per_rule.items()))}), all COMPLETED; "
+              f"{N_CELLS} cells; fake-GPU allocations {dict(sorted(devices.items()))}; "
+              f"overrides for the CPU node: autoquant {AUTOQUANT_OVERRIDES}, status command squeue; "
+              f"wall time {wall:.0f} s ({wall / 60:.1f} min)")
