@@ -27,6 +27,14 @@ def _get(model, name: str):
     return model.get_submodule(name)
 
 
+def _move_scale(producer, row: int, consumer, column: int, scale: float) -> None:
+    """Producer output ``row`` × scale, consumer input ``column`` ÷ scale (a linear path in between)."""
+    producer.weight[row] *= scale
+    if producer.bias is not None:
+        producer.bias[row] *= scale
+    consumer.weight[:, column] /= scale
+
+
 @torch.no_grad()
 def plant_mlp_outlier(model, mlp_path: str, channel: int = 0, scale: float = 1000.0) -> Plant:
     """SwiGLU MLP (gate/up/down): up row ``channel`` × scale, down column ``channel`` ÷ scale.
@@ -34,12 +42,7 @@ def plant_mlp_outlier(model, mlp_path: str, channel: int = 0, scale: float = 100
     ``act(gate) * up`` is linear in ``up``, so the MLP output is unchanged while ``down_proj``'s
     input channel ``channel`` becomes ``scale`` times larger than the rest.
     """
-    up = _get(model, f"{mlp_path}.up_proj")
-    down = _get(model, f"{mlp_path}.down_proj")
-    up.weight[channel] *= scale
-    if up.bias is not None:
-        up.bias[channel] *= scale
-    down.weight[:, channel] /= scale
+    _move_scale(_get(model, f"{mlp_path}.up_proj"), channel, _get(model, f"{mlp_path}.down_proj"), channel, scale)
     return Plant("text_mlp_outlier", f"{mlp_path}.down_proj")
 
 
@@ -50,14 +53,9 @@ def plant_vision_attn_outlier(model, attn_path: str, channel: int = 0, scale: fl
     The attention output is linear in V, so ``proj``'s input channel ``channel`` carries the
     outlier and the block computes the same function.
     """
-    qkv = _get(model, f"{attn_path}.qkv")
     proj = _get(model, f"{attn_path}.proj")
-    hidden = proj.weight.shape[1]
-    v_row = 2 * hidden + channel
-    qkv.weight[v_row] *= scale
-    if qkv.bias is not None:
-        qkv.bias[v_row] *= scale
-    proj.weight[:, channel] /= scale
+    v_row = 2 * proj.weight.shape[1] + channel  # qkv rows are [q; k; v]
+    _move_scale(_get(model, f"{attn_path}.qkv"), v_row, proj, channel, scale)
     return Plant("vision_attn_outlier", f"{attn_path}.proj")
 
 

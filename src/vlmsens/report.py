@@ -566,21 +566,9 @@ def plot_format_comparison(comparison: Comparison, model: str, size_order: list[
             if sub.empty:
                 ax.text(0.5, 0.5, "no groups", ha="center", va="center", transform=ax.transAxes)
                 continue
-            for size in sizes:
-                for tower in TOWERS:
-                    pts = sub[(sub["size"] == size) & (sub["tower"] == tower)]
-                    if len(pts):
-                        ax.scatter(pts["score_a"].clip(lower=floor), pts["score_b"].clip(lower=floor), s=22, alpha=0.75,
-                                   marker=markers[size], color=TOWER_COLORS[tower], edgecolors="none")
-            lo = min(sub["score_a"].clip(lower=floor).min(), sub["score_b"].clip(lower=floor).min()) / 2
-            hi = max(sub["score_a"].max(), sub["score_b"].max(), floor) * 2
-            ax.plot([lo, hi], [lo, hi], color="black", lw=0.8)
+            lo, hi = _loglog_scatter(ax, sub, "score_a", "score_b", sizes, markers, floor)
             for decade in (10, 0.1):
                 ax.plot([lo, hi], [lo * decade, hi * decade], color="grey", lw=0.6, ls=":")
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_xlim(lo, hi)
-            ax.set_ylim(lo, hi)
             top = sub[sub["size"] == sizes[-1]]
             top = top.reindex(top["log10_ratio"].abs().sort_values(ascending=False).index).head(4)
             for _, r in top.iterrows():
@@ -593,6 +581,25 @@ def plot_format_comparison(comparison: Comparison, model: str, size_order: list[
     fig.suptitle(f"{model}: per-group sensitivity, {' / '.join(f'{a} vs {b}' for a, b in pairs)} "
                  "(solid: equal, dotted: 10× apart)", fontsize=10)
     _save(fig, out_png)
+
+
+def _loglog_scatter(ax, sub: pd.DataFrame, x: str, y: str, sizes, markers, floor: float) -> tuple[float, float]:
+    """Per-group scores of two cells against each other: marker per size, colour per tower, log axes
+    with the equality diagonal. Returns the axis limits."""
+    for size in sizes:
+        for tower in TOWERS:
+            pts = sub[(sub["size"] == size) & (sub["tower"] == tower)]
+            if len(pts):
+                ax.scatter(pts[x].clip(lower=floor), pts[y].clip(lower=floor), s=22, alpha=0.75,
+                           marker=markers[size], color=TOWER_COLORS[tower], edgecolors="none")
+    lo = min(sub[x].clip(lower=floor).min(), sub[y].clip(lower=floor).min()) / 2
+    hi = max(sub[x].max(), sub[y].max(), floor) * 2
+    ax.plot([lo, hi], [lo, hi], color="black", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    return lo, hi
 
 
 def write_format_comparison(manifest_paths: list[str], model: str, size_order: list[str], format_order: list[str], *,
@@ -685,19 +692,7 @@ def plot_scope_comparison(comparison: Comparison, model: str, size_order: list[s
     fig, axes = plt.subplots(1, len(formats), figsize=(5.2 * len(formats), 4.8), squeeze=False)
     for ax, fmt in zip(axes[0], formats, strict=False):
         sub = per_layer[per_layer["format"] == fmt]
-        for size in sizes:
-            for tower in TOWERS:
-                pts = sub[(sub["size"] == size) & (sub["tower"] == tower)]
-                if len(pts):
-                    ax.scatter(pts["score_lm_only"].clip(lower=floor), pts["score_all_layers"].clip(lower=floor), s=22, alpha=0.75,
-                               marker=markers[size], color=TOWER_COLORS[tower], edgecolors="none")
-        lo = min(sub["score_lm_only"].clip(lower=floor).min(), sub["score_all_layers"].clip(lower=floor).min()) / 2
-        hi = max(sub["score_lm_only"].max(), sub["score_all_layers"].max(), floor) * 2
-        ax.plot([lo, hi], [lo, hi], color="black", lw=0.8)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlim(lo, hi)
-        ax.set_ylim(lo, hi)
+        _loglog_scatter(ax, sub, "score_lm_only", "score_all_layers", sizes, markers, floor)
         row = comparison.agreement[(comparison.agreement["format"] == fmt) & (comparison.agreement["size"] == sizes[-1])]
         tau = f"τ = {row['kendall_tau'].iloc[0]:.2f} at {sizes[-1]}" if len(row) else ""
         ax.set_title(f"{fmt}   {tau}", fontsize=9)
