@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112
+WORKFLOW_PARTS = ("Snakefile", "rules", "config", "workflow", "docs", "profiles", "envs")
+
+
+def copy_workflow(dest: Path) -> Path:
+    """A copy of the workflow (no results, no venv) to run Snakemake in, away from the checkout."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for part in WORKFLOW_PARTS:
+        src = REPO / part
+        if src.is_dir():
+            shutil.copytree(src, dest / part, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, dest / part)
+    return dest
 
 
 @pytest.fixture(scope="session")

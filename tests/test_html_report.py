@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import copy_workflow
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
-WORKFLOW_PARTS = ("Snakefile", "rules", "config", "workflow", "docs", "profiles", "envs")
 DEMO_ENV = "VLMSENS_DEMO_WORKDIR"
 CHROME_ARGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
@@ -142,14 +142,7 @@ def demo_report(tmp_path_factory, chrome) -> tuple[Path, dict]:
         config = yaml.safe_load((workdir / "config" / "demo.yaml").read_text())
         _snakemake(workdir, *config_args, "--cores", cores, "--rerun-triggers", "mtime")
     else:
-        workdir = out / "workflow"
-        workdir.mkdir()
-        for part in WORKFLOW_PARTS:
-            src = REPO / part
-            if src.is_dir():
-                shutil.copytree(src, workdir / part, ignore=shutil.ignore_patterns("__pycache__"))
-            else:
-                shutil.copy(src, workdir / part)
+        workdir = copy_workflow(out / "workflow")
         config = _small_config()
         (workdir / "config" / "report-test.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         config_args = ["--configfile", "config/report-test.yaml", "--replace-workflow-config"]

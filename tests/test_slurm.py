@@ -38,10 +38,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import copy_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 SETUP = ROOT / "tests" / "slurm" / "setup_cluster.sh"
-WORKFLOW_PARTS = ["Snakefile", "rules", "config", "workflow", "docs", "profiles", "envs"]
 N_CELLS = 24
 CELL_FILES = ["per-layer-sensitivity.json", "per-layer-sensitivity.md", "quant_manifest.json", "autoquant_state.pt"]
 
@@ -106,11 +106,7 @@ def _job_stats(output: str) -> Counter:
 
 @pytest.mark.timeout(3600)  # ~15 min on 2 CPUs for the 105 demo jobs; the suite default is 1800 s
 def test_demo_grid_through_slurm(slurm_cluster, tmp_path, capsys):
-    workdir = tmp_path / "vlmsens"
-    workdir.mkdir()
-    for part in WORKFLOW_PARTS:
-        src = ROOT / part
-        (shutil.copytree if src.is_dir() else shutil.copy2)(src, workdir / part)
+    workdir = copy_workflow(tmp_path / "vlmsens")
     profile = _test_profile(workdir)
 
     # --workflow-profile none: profiles/default (one machine, `resources: gpu=1`) would otherwise be

@@ -6,32 +6,19 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, copy_workflow
 
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
-WORKFLOW_PARTS = ("Snakefile", "rules", "config", "workflow", "docs", "profiles", "envs")
 DEMO = ["--configfile", "config/demo.yaml", "--replace-workflow-config"]
 CELL_FILES = ("per-layer-sensitivity.json", "per-layer-sensitivity.md", "quant_manifest.json", "autoquant_state.pt")
 
 pytestmark = pytest.mark.workflow
-
-
-def copy_workflow(dest: Path) -> Path:
-    dest.mkdir(parents=True, exist_ok=True)
-    for part in WORKFLOW_PARTS:
-        src = REPO / part
-        if src.is_dir():
-            shutil.copytree(src, dest / part, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, dest / part)
-    return dest
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
