@@ -30,15 +30,13 @@ def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.Compl
 
 
 def job_counts(output: str) -> dict[str, int]:
-    """Rule -> job count from Snakemake's 'Job stats' table."""
+    """Rule -> job count from Snakemake's 'Job stats' table (without the 'total' row)."""
     counts = {}
     table = output.split("Job stats:", 1)[1] if "Job stats:" in output else ""
     for line in table.splitlines()[3:]:
-        match = re.match(r"^(\w+)\s+(\d+)\s*$", line.strip())
-        if not match:
-            if line.strip().startswith("total"):
-                break
-            continue
+        match = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if not match or match.group(1) == "total":
+            break
         counts[match.group(1)] = int(match.group(2))
     return counts
 

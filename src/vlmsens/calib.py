@@ -14,6 +14,7 @@ import numbers
 import posixpath
 import re
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -293,16 +294,12 @@ def read_calib_db(path: str | Path) -> tuple[list[CalibSample], dict[str, str]]:
     return samples, meta
 
 
-def _validate_rows(
-    samples: list[CalibSample], coco_root: Path, source: Path, decode: bool, held_out: frozenset[str] = frozenset()
-) -> None:
+def _validate_rows(samples: list[CalibSample], coco_root: Path, source: Path, decode: bool) -> None:
     problems = []
     for s in samples:
         problem = image_problem(coco_root, s.image_relpath, decode=decode)
         if problem is None and not normalise_caption(s.caption):
             problem = "empty caption"
-        if problem is None and posixpath.normpath(s.image_relpath) in held_out:
-            problem = "also in the held-out evaluation subset"
         if problem:
             problems.append(f"{s.image_relpath}: {problem}")
     seen, repeats = set(), []
@@ -313,14 +310,19 @@ def _validate_rows(
     if repeats:
         problems.append(f"{len(repeats)} image(s) repeated, e.g. {repeats[0]}")
     if problems:
-        hint = (
-            "\nThe evaluation subset must not share images with calibration: choose another seed or coco.eval_split."
-            if held_out and any(p.endswith("held-out evaluation subset") for p in problems)
-            else ""
-        )
         raise VlmsensError(
             f"pre-built calibration DB {source}: {len(problems)} problem(s) against COCO root {coco_root}:\n"
-            f"{_listed(problems)}{hint}"
+            f"{_listed(problems)}"
+        )
+
+
+def _check_disjoint_from_held_out(samples: list[CalibSample], held_out: frozenset[str], source: Path) -> None:
+    shared = [f"{s.image_relpath}: also in the held-out evaluation subset" for s in samples
+              if posixpath.normpath(s.image_relpath) in held_out]
+    if shared:
+        raise VlmsensError(
+            f"pre-built calibration DB {source}: {len(shared)} problem(s):\n{_listed(shared)}\n"
+            "The evaluation subset must not share images with calibration: choose another seed or coco.eval_split."
         )
 
 
@@ -369,16 +371,19 @@ def build_subset(
     """Write one calibration subset (DB + captions) and return its meta."""
     root = Path(coco_root)
     if prebuilt_dir:
-        held_out_paths: frozenset[str] = frozenset()
-        if eval_split and eval_images:
+
+        def held_out_paths() -> frozenset[str]:
+            if not (eval_split and eval_images):
+                return frozenset()
             eval_file = root / "annotations" / f"captions_{eval_split}.json"
-            if eval_file.is_file():
-                held_out_paths = frozenset(
-                    posixpath.normpath(s.image_relpath)
-                    for s in _held_out(root, eval_split, eval_images, seed, decode_images, None).samples
-                )
-            else:
+            if not eval_file.is_file():
                 log.warning("%s not found: cannot check the pre-built DB against the evaluation subset", eval_file)
+                return frozenset()
+            return frozenset(
+                posixpath.normpath(s.image_relpath)
+                for s in _held_out(root, eval_split, eval_images, seed, decode_images, None).samples
+            )
+
         return import_prebuilt(
             prebuilt_dir=prebuilt_dir,
             size_name=size_name,
@@ -469,11 +474,12 @@ def import_prebuilt(
     db_path: str | Path,
     captions_path: str | Path,
     decode_images: bool = True,
-    held_out_relpaths: frozenset[str] = frozenset(),
+    held_out_relpaths: frozenset[str] | Callable[[], frozenset[str]] = frozenset(),
 ) -> dict[str, object]:
     """Accept a pre-built DB (e.g. the legacy tool's) after validating its schema and images.
 
-    ``held_out_relpaths`` are the evaluation subset's images; a pre-built row using one is an error.
+    ``held_out_relpaths`` are the evaluation subset's images (or a function returning them, called
+    only once the DB's own rows are valid); a pre-built row using one is an error.
     """
     source = Path(prebuilt_dir) / f"coco2017_vlm_calib_{size_name}.db"
     samples, source_meta = read_calib_db(source)
@@ -482,7 +488,9 @@ def import_prebuilt(
             f"pre-built DB {source} holds {len(samples)} rows but sizes.{size_name} is {num_samples}; "
             "make the config's size match the file."
         )
-    _validate_rows(samples, Path(coco_root), source, decode_images, frozenset(held_out_relpaths))
+    _validate_rows(samples, Path(coco_root), source, decode_images)
+    held_out = frozenset(held_out_relpaths() if callable(held_out_relpaths) else held_out_relpaths)
+    _check_disjoint_from_held_out(samples, held_out, source)
     samples = [CalibSample(s.split, s.image_relpath, s.image_id, s.caption_id, normalise_caption(s.caption)) for s in samples]
     meta = {
         "source_dataset": source_meta.get("source_dataset", "coco2017"),
@@ -494,7 +502,7 @@ def import_prebuilt(
         "prebuilt_from": str(source),
         "prebuilt_sha256": sha256_file(source),
         "prebuilt_had_meta": bool(source_meta),
-        "checked_against_held_out_images": len(held_out_relpaths),
+        "checked_against_held_out_images": len(held_out),
         "tool": f"vlmsens {__version__}",
     }
     _write_outputs(db_path, captions_path, samples, meta)
