@@ -394,18 +394,13 @@ def rank_stability_doc(model: str, stability: pd.DataFrame, sizes: list[str]) ->
 
 
 def plot_rank_stability(stability: pd.DataFrame, model: str, out_png: str | Path, reason: str | None = None) -> None:
-    plt = _pyplot()
     if reason or stability.empty:
         return _na_figure(out_png, f"{model}: rank stability across sizes", reason or "no size pairs to compare")
-    panels = list(stability.groupby(["format", "scope"], sort=True).groups)
     metrics = ["kendall_tau", "spearman", *[f"top{k}_overlap" for k in TOP_K]]
     labels = ["Kendall τ", "Spearman ρ", *[f"top-{k} overlap" for k in TOP_K]]
-    ncols = min(2, len(panels))
-    nrows = math.ceil(len(panels) / ncols)
     low = float(np.nanmin(stability[metrics].to_numpy(dtype=float))) if stability[metrics].notna().any().any() else 0.0
-    fig, axes = plt.subplots(nrows, ncols, figsize=(6.0 * ncols, 3.2 * nrows), squeeze=False, sharey=True)
-    for ax, (fmt, scope) in zip(axes.flat, panels, strict=False):
-        sub = stability[(stability["format"] == fmt) & (stability["scope"] == scope)]
+    fig, axes, panels = _format_scope_grid(stability, 6.0, 3.2, sharey=True)
+    for ax, fmt, scope, sub in panels:
         x = np.arange(len(sub))
         width = 0.8 / len(metrics)
         for i, (metric, label) in enumerate(zip(metrics, labels, strict=True)):
@@ -416,8 +411,6 @@ def plot_rank_stability(stability: pd.DataFrame, model: str, out_png: str | Path
         ax.set_ylim(min(0.0, low - 0.05), 1.08)
         ax.set_title(f"{fmt} · {scope}", fontsize=9)
         ax.set_ylabel("agreement")
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
     axes.flat[min(len(panels), axes.size) - 1].legend(fontsize=7, loc="lower right")
     fig.suptitle(f"{model}: does a smaller calibration set rank groups like a larger one?", fontsize=10)
     _save(fig, out_png)
@@ -581,6 +574,23 @@ def plot_format_comparison(comparison: Comparison, model: str, size_order: list[
     fig.suptitle(f"{model}: per-group sensitivity, {' / '.join(f'{a} vs {b}' for a, b in pairs)} "
                  "(solid: equal, dotted: 10× apart)", fontsize=10)
     _save(fig, out_png)
+
+
+def _format_scope_grid(frame: pd.DataFrame, width: float, height: float, **subplots):
+    """A figure with one axis per (format, scope) of ``frame``, two per row, spare axes hidden.
+
+    Returns (figure, axes, [(axis, format, scope, rows of that panel), ...]) in sorted order.
+    """
+    plt = _pyplot()
+    keys = sorted(frame.groupby(["format", "scope"]).groups)
+    ncols = min(2, len(keys))
+    nrows = math.ceil(len(keys) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False, **subplots)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    panels = [(ax, fmt, scope, frame[(frame["format"] == fmt) & (frame["scope"] == scope)])
+              for ax, (fmt, scope) in zip(axes.flat, keys, strict=False)]
+    return fig, axes, panels
 
 
 def _loglog_scatter(ax, sub: pd.DataFrame, x: str, y: str, sizes, markers, floor: float) -> tuple[float, float]:
@@ -766,17 +776,12 @@ def towers_doc(model: str, summary: pd.DataFrame, layers: pd.DataFrame) -> Doc:
 
 
 def plot_tower_distribution(layers: pd.DataFrame, model: str, size_order: list[str], out_png: str | Path) -> None:
-    plt = _pyplot()
     if layers.empty:
         return _na_figure(out_png, f"{model}: score distribution per tower", "no searched groups")
-    panels = sorted(layers.groupby(["format", "scope"]).groups)
     sizes = ordered(layers["size"].unique(), size_order)
     floor = _floor(layers["sensitivity"])
-    ncols = min(2, len(panels))
-    nrows = math.ceil(len(panels) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(6.2 * ncols, 3.6 * nrows), squeeze=False, sharey=True)
-    for ax, (fmt, scope) in zip(axes.flat, panels, strict=False):
-        sub = layers[(layers["format"] == fmt) & (layers["scope"] == scope)]
+    fig, axes, panels = _format_scope_grid(layers, 6.2, 3.6, sharey=True)
+    for ax, fmt, scope, sub in panels:
         data, positions, colors, ticks = [], [], [], []
         pos = 0.0
         for tower in TOWERS:
@@ -804,8 +809,6 @@ def plot_tower_distribution(layers: pd.DataFrame, model: str, size_order: list[s
         ax.set_xticks([t for t, _ in ticks], [label for _, label in ticks], fontsize=8)
         ax.set_title(f"{fmt} · {scope}  (boxes left→right: {', '.join(sizes)})", fontsize=9)
         ax.set_ylabel("log10 score / caption token")
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
     fig.suptitle(f"{model}: sensitivity distribution per tower", fontsize=10)
     _save(fig, out_png)
 
@@ -814,14 +817,10 @@ def plot_tower_shares(summary: pd.DataFrame, model: str, size_order: list[str], 
     plt = _pyplot()
     if summary.empty:
         return _na_figure(out_png, f"{model}: budget share per tower", "no searched groups")
-    panels = sorted(summary.groupby(["format", "scope"]).groups)
     sizes = ordered(summary["size"].unique(), size_order)
     measures = [("sensitivity_share", "S"), ("cost_share", "W"), ("bf16_budget_share", "B")]
-    ncols = min(2, len(panels))
-    nrows = math.ceil(len(panels) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(6.2 * ncols, 3.4 * nrows), squeeze=False, sharey=True)
-    for ax, (fmt, scope) in zip(axes.flat, panels, strict=False):
-        sub = summary[(summary["format"] == fmt) & (summary["scope"] == scope)]
+    fig, axes, panels = _format_scope_grid(summary, 6.2, 3.4, sharey=True)
+    for ax, fmt, scope, sub in panels:
         ticks, labels = [], []
         for i, size in enumerate(sizes):
             cell = sub[sub["size"] == size].set_index("tower")
@@ -839,8 +838,6 @@ def plot_tower_shares(summary: pd.DataFrame, model: str, size_order: list[str], 
         ax.set_ylim(0, 1.02)
         ax.set_title(f"{fmt} · {scope}", fontsize=9)
         ax.set_ylabel("share")
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
     handles = [plt.Rectangle((0, 0), 1, 1, color=TOWER_COLORS[t]) for t in TOWERS]
     fig.legend(handles, TOWERS, loc="upper right", fontsize=8, ncol=3)
     fig.suptitle(f"{model}: S = share of sensitivity, W = share of weight cost, B = share of the BF16-kept cost", fontsize=10)
@@ -1071,17 +1068,12 @@ def recipes_doc(model: str, frame: pd.DataFrame) -> Doc:
 
 
 def plot_recipes(frame: pd.DataFrame, model: str, size_order: list[str], out_png: str | Path) -> None:
-    plt = _pyplot()
     if frame.empty:
         return _na_figure(out_png, f"{model}: recipes", "no recipes")
-    panels = sorted(frame.groupby(["format", "scope"]).groups)
     sizes = ordered(frame["size"].unique(), size_order)
-    ncols = min(2, len(panels))
-    nrows = math.ceil(len(panels) / ncols)
     floor = _floor(frame["score_per_token"])
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.6 * ncols, 3.6 * nrows), squeeze=False)
-    for ax, (fmt, scope) in zip(axes.flat, panels, strict=False):
-        sub = frame[(frame["format"] == fmt) & (frame["scope"] == scope)]
+    fig, axes, panels = _format_scope_grid(frame, 5.6, 3.6)
+    for ax, fmt, scope, sub in panels:
         for size in sizes:
             pts = sub[sub["size"] == size].sort_values("budget_bits")
             if pts.empty:
@@ -1097,8 +1089,6 @@ def plot_recipes(frame: pd.DataFrame, model: str, size_order: list[str], out_png
         ax.set_ylabel("predicted score / caption token")
         ax.set_title(f"{fmt} · {scope}", fontsize=9)
         ax.legend(fontsize=7, title="size", title_fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
     fig.suptitle(f"{model}: predicted sensitivity of the re-solved recipe vs bits (red ×: infeasible budget)", fontsize=10)
     _save(fig, out_png)
 
