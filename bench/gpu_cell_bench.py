@@ -145,13 +145,12 @@ def floor_flops(params: dict[str, int], samples: list[dict], n_formats: int) -> 
     return (6 + 2 * n_formats) * (params["text"] * tokens + params["vision"] * patches)
 
 
-def run_ours(args) -> dict:
+def run_ours(args, samples: list[dict]) -> dict:
 
     from vlmsens.autoquant import CellSpec, run_autoquant
     from vlmsens.families import get_family
     from vlmsens.formats import format_registry, resolve_format
 
-    samples = synthetic_samples(args.family, args.size, args.samples, args.scope)
     formats = resolve_format(args.format, format_registry({"wfp8_or_wint8": {"candidates": ["wfp8_afp8", "wint8_aint8"]}}))
     spec = CellSpec(model=f"{args.family}-{args.size}", family=get_family(args.family), checkpoint=args.checkpoint,
                     format_name=args.format, formats=formats, scope=args.scope, size=str(args.samples),
@@ -180,7 +179,7 @@ def run_ours(args) -> dict:
     }
 
 
-def run_baseline(args) -> dict:
+def run_baseline(args, samples: list[dict]) -> dict:
     """Plain ModelOpt usage: batch 1, padded to 512, labels=input_ids, cold extension build."""
     import modelopt.torch.quantization as mtq
     import torch
@@ -188,7 +187,6 @@ def run_baseline(args) -> dict:
     from vlmsens.formats import format_registry, resolve_format
     from vlmsens.models import load_model
 
-    samples = synthetic_samples(args.family, args.size, args.samples, args.scope)
     device = args.device
     phases = {}
     t0 = time.perf_counter()
@@ -255,22 +253,22 @@ def run_baseline(args) -> dict:
 
 def run_one(args) -> None:
     runner = run_ours if args.impl == "ours" else run_baseline
+    samples = synthetic_samples(args.family, args.size, args.samples, args.scope)
     if args.profile:
         import torch
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         with profile(activities=activities) as prof:
-            result = runner(args)
+            result = runner(args, samples)
         averages = prof.key_averages()
         sort_key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
         Path(args.result).with_suffix(".profile.txt").write_text(
             averages.table(sort_by=sort_key, row_limit=40) + "\n\n" + averages.table(sort_by="cpu_time_total", row_limit=25)
         )
     else:
-        result = runner(args)
+        result = runner(args, samples)
     params = param_counts(Path(args.checkpoint))
-    samples = synthetic_samples(args.family, args.size, args.samples, args.scope)
     flops = floor_flops(params, samples, result["n_formats"])
     busy = sum(v for k, v in result["phases_s"].items() if k != "load")
     result.update(

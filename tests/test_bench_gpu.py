@@ -1,0 +1,40 @@
+"""The GPU cell benchmark's code on tiny models on the CPU, so it cannot rot (no timing checks)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+from conftest import REPO
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("gpu_cell_bench", REPO / "bench" / "gpu_cell_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_runs_ours_and_the_baseline_on_tiny_models(tmp_path):
+    bench = _bench()
+    out = tmp_path / "out"
+    assert bench.main(["--size", "tiny", "--device", "cpu", "--workdir", str(tmp_path / "work"), "--out", str(out),
+                       "--baseline-warm-extensions", "--cell", "ours:qwen2_5_vl:wint8_aint8:all-layers:4",
+                       "--cell", "baseline:qwen3_vl:wint8_aint8:all-layers:4"]) == 0
+    report = json.loads((out / "bench_report.json").read_text())
+    assert [c["cell"] for c in report["cells"]] == ["ours:qwen2_5_vl:wint8_aint8:all-layers:4", "baseline:qwen3_vl:wint8_aint8:all-layers:4"]
+    ours, baseline = report["cells"]
+    assert "error" not in ours and "error" not in baseline
+    assert set(ours["phases_s"]) == {"load", "calibrate", "score", "solve"}
+    assert ours["vision_groups_nonzero"] and ours["padding_fraction"] < 0.5
+    assert baseline["tokens"] == 4 * bench.PAD_TO
+    assert ours["floor_flops"] > 0 and baseline["floor_flops"] > 0
+
+
+def test_synthetic_samples_label_only_the_caption():
+    bench = _bench()
+    for family in ("qwen2_5_vl", "qwen3_vl"):
+        for sample in bench.synthetic_samples(family, "tiny", 3, "all-layers"):
+            labelled = (sample["labels"] != -100).sum().item()
+            assert 10 <= labelled <= 26
+            assert sample["image_grid_thw"].prod().item() == sample["pixel_values"].shape[0]
