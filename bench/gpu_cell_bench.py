@@ -155,7 +155,7 @@ def run_ours(args, samples: list[dict]) -> dict:
     spec = CellSpec(model=f"{args.family}-{args.size}", family=get_family(args.family), checkpoint=args.checkpoint,
                     format_name=args.format, formats=formats, scope=args.scope, size=str(args.samples),
                     effective_bits=8.5 if "4" not in args.format else 4.8, method="gradient",
-                    batch_size=args.batch, device=args.device)
+                    batch_size=args.batch, device=args.device, gradient_checkpointing=args.gradient_checkpointing == "on")
     start = time.perf_counter()
     result = run_autoquant(spec, samples, progress=lambda line: print(f"[ours] {line}", flush=True))
     wall = time.perf_counter() - start
@@ -176,6 +176,7 @@ def run_ours(args, samples: list[dict]) -> dict:
         "device": result["device"],
         "torch_dtype": result["dtype"],
         "scores": {g["layer"]: g["scores_per_token"][formats[0].name] for g in result["groups"]},
+        "gradient_checkpointing": result["search"]["gradient_checkpointing"],
     }
 
 
@@ -305,6 +306,8 @@ def main(argv=None) -> int:
     parser.add_argument("--result")
     parser.add_argument("--baseline-warm-extensions", action="store_true",
                         help="let the baseline reuse the extension cache; add the cold build measured in the same call instead")
+    parser.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on",
+                        help="ours: recompute activations in the score phase's backward (ModelOpt's default) or not")
     parser.add_argument("--profile", action="store_true", help="run the cells under torch.profiler (slower; op table next to each result)")
     args = parser.parse_args(argv)
     if args.one:
@@ -331,7 +334,8 @@ def main(argv=None) -> int:
         env["TORCH_EXTENSIONS_DIR"] = tempfile.mkdtemp(prefix="cold-ext-", dir=args.workdir) if cold else str(warm_cache)
         cmd = [sys.executable, __file__, "--one", "--impl", impl, "--family", family, "--format", fmt, "--scope", scope,
                "--samples", n, "--checkpoint", str(checkpoint), "--result", str(result_file), "--size", args.size,
-               "--device", args.device, "--batch", str(batch)] + (["--profile"] if args.profile else [])
+               "--device", args.device, "--batch", str(batch), "--gradient-checkpointing", args.gradient_checkpointing]
+        cmd += ["--profile"] if args.profile else []
         start = time.perf_counter()
         proc = subprocess.run(cmd, env=env, text=True, capture_output=True)
         process_wall = time.perf_counter() - start

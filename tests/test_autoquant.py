@@ -311,3 +311,24 @@ def test_varlen_vision_attention_keeps_the_scores(planted, subsets, demo_coco):
     for layer in a:
         assert b[layer] == pytest.approx(a[layer], rel=1e-3, abs=1e-12), layer
     assert _ranking(results["sdpa"], "wint8_aint8")[:3] == _ranking(results["varlen"], "wint8_aint8")[:3]
+
+
+def test_gradient_checkpointing_off_keeps_the_scores(planted, subsets, demo_coco):
+    """Checkpointing only trades memory for a recomputed forward: the scores must not move."""
+    family = "qwen3_vl"
+    samples = _encoded(planted[family], subsets["small"], demo_coco, "all-layers")
+    results = {}
+    for enabled in (True, False):
+        spec = CellSpec(model="tiny", family=get_family(family), checkpoint=str(planted[family]), format_name="wint8_aint8",
+                        formats=resolve_format("wint8_aint8", format_registry({})), scope="all-layers", size="small",
+                        effective_bits=8.5, batch_size=4, device="cpu", gradient_checkpointing=enabled)
+        with pytest.warns() as caught:
+            results[enabled] = run_autoquant(spec, samples, progress=lambda _: None)
+        enabled_message = any("Enabling gradient checkpointing" in str(w.message) for w in caught)
+        assert enabled_message == enabled
+        assert results[enabled]["search"]["gradient_checkpointing"] is enabled
+    a = {g["layer"]: g["scores_raw"]["wint8_aint8"] for g in results[True]["groups"]}
+    b = {g["layer"]: g["scores_raw"]["wint8_aint8"] for g in results[False]["groups"]}
+    assert a.keys() == b.keys() and len(a) > 10
+    for layer in a:
+        assert b[layer] == pytest.approx(a[layer], rel=1e-4, abs=1e-12), layer

@@ -12,9 +12,12 @@ What this adds to a plain ``mtq.auto_quantize`` call, and why:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +49,7 @@ class CellSpec:
     device: str = "auto"
     seed: int = 0
     vision_attention: str = "varlen"
+    gradient_checkpointing: bool = True
 
     def validate(self) -> None:
         if self.scope not in SCOPES:
@@ -107,6 +111,26 @@ def caption_logits(model, batch: dict):
     mask = targets != IGNORE_INDEX
     logits = model.lm_head(hidden[:, :-1][mask])
     return logits, targets[mask]
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(model, enabled: bool):
+    """Let ModelOpt's score phase checkpoint activations, or keep it from doing so.
+
+    ModelOpt turns gradient checkpointing on for every Hugging Face model that supports it, which
+    recomputes each block's forward (with all quantizer hooks) during backward. A model that
+    reports no support keeps every activation instead: one forward pass fewer per batch, more memory.
+    """
+    if enabled:
+        yield
+        return
+    model.supports_gradient_checkpointing = False  # instance attribute, shadows the class default
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="AutoQuantize: Huggingface model without gradient checkpointing")
+            yield
+    finally:
+        del model.supports_gradient_checkpointing
 
 
 def _recipe_name_map(formats: list[FormatSpec]):
@@ -181,19 +205,20 @@ def run_autoquant(
     n_steps = len(batches)
     clock.enter("calibrate", f"{stats['samples']} samples in {n_steps} batches, {stats['tokens']} tokens")
     try:
-        model, search_state = mtq.auto_quantize(
-            model,
-            constraints=constraints,
-            quantization_formats=formats_cfg,
-            data_loader=batches,
-            forward_step=forward_step,
-            forward_backward_step=forward_backward_step if spec.method == "gradient" else None,
-            disabled_layers=disabled,
-            num_calib_steps=n_steps,
-            num_score_steps=n_steps,
-            method=spec.method,
-            verbose=False,
-        )
+        with gradient_checkpointing(model, spec.gradient_checkpointing):
+            model, search_state = mtq.auto_quantize(
+                model,
+                constraints=constraints,
+                quantization_formats=formats_cfg,
+                data_loader=batches,
+                forward_step=forward_step,
+                forward_backward_step=forward_backward_step if spec.method == "gradient" else None,
+                disabled_layers=disabled,
+                num_calib_steps=n_steps,
+                num_score_steps=n_steps,
+                method=spec.method,
+                verbose=False,
+            )
     except torch.cuda.OutOfMemoryError as err:
         raise VlmsensError(
             f"CUDA out of memory at batch size {spec.batch_size}; a retry with a smaller batch may succeed ({err})"
@@ -246,6 +271,7 @@ def run_autoquant(
         "batches": stats,
         "search": {
             "method": spec.method,
+            "gradient_checkpointing": spec.gradient_checkpointing,
             "constraints": constraints,
             "disabled_layers": disabled or [],
             "num_calib_steps": n_steps,
@@ -282,7 +308,9 @@ def _device_info(device: str) -> dict[str, Any]:
     info: dict[str, Any] = {"device": device, "host": platform.node(), "cpu_threads": torch.get_num_threads()}
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(torch.device(device))
-        info.update(name=props.name, total_memory_gib=round(props.total_memory / 2**30, 2), cuda=torch.version.cuda)
+        info.update(name=props.name, total_memory_gib=round(props.total_memory / 2**30, 2), cuda=torch.version.cuda,
+                    uuid=f"GPU-{props.uuid}" if getattr(props, "uuid", None) else None,
+                    cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
     else:
         info["name"] = platform.processor() or platform.machine()
     return info

@@ -106,6 +106,7 @@ def run_cell(
         batch_size=batch_size,
         device=autoquant_cfg.get("device", "auto"),
         seed=seed,
+        gradient_checkpointing=bool(autoquant_cfg.get("gradient_checkpointing", True)),
     )
     samples, samples_meta = load_samples(samples_path)
     if samples_meta.get("scope") != scope:

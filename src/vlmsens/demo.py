@@ -14,6 +14,7 @@ import logging
 import random
 from pathlib import Path
 
+from .errors import VlmsensError
 from .families import QWEN_SPECIAL_TOKENS, get_family
 from .io import atomic_dir, atomic_write_text
 
@@ -159,8 +160,17 @@ def build_demo_checkpoint(
     vocab_size: int,
     min_pixels: int,
     max_pixels: int,
+    size: str = "tiny",
+    device: str = "cpu",
 ) -> None:
-    """Build and save a tiny checkpoint of ``family_name`` that loads like a real one."""
+    """Build and save a random-weight checkpoint of ``family_name`` that loads like a real one.
+
+    ``size="tiny"`` is the CPU demo. ``size="full"`` is the real architecture (DESIGN §5, with its
+    real vocabulary size) in bf16, for GPU runs of the whole workflow without downloaded weights;
+    its tokenizer is still the small demo one, whose ids all lie inside the real vocabulary.
+    ``device="cuda"`` draws the weights on the GPU (seconds instead of minutes for ``full``; the
+    draws differ from the CPU ones, and DEMO_CHECKPOINT.json records where they were made).
+    """
     import torch
     import transformers
 
@@ -174,13 +184,21 @@ def build_demo_checkpoint(
         "vision_start_token_id": tokenizer.convert_tokens_to_ids("<|vision_start|>"),
         "vision_end_token_id": tokenizer.convert_tokens_to_ids("<|vision_end|>"),
     }
-    config = family.build_config("tiny", token_ids=token_ids, vocab_size=len(tokenizer))
+    if size not in ("tiny", "full"):
+        raise VlmsensError(f"demo checkpoint size must be 'tiny' or 'full', got {size!r}")
+    config = family.build_config(size, token_ids=token_ids, vocab_size=len(tokenizer) if size == "tiny" else None)
     config.text_config.pad_token_id = tokenizer.pad_token_id
     config.text_config.eos_token_id = tokenizer.eos_token_id
     config.text_config.bos_token_id = None
     torch.manual_seed(seed)
-    model = transformers.AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    # fp32 on the CPU: its bf16 random draws are several times slower.
+    with torch.device(device):
+        model = transformers.AutoModelForImageTextToText.from_config(
+            config, dtype=torch.float32 if device == "cpu" else torch.bfloat16
+        )
     _fan_in_init(model, seed)
+    if size == "full":
+        model.to(torch.bfloat16)
     model.eval()
 
     processor = _build_processor(family, tokenizer, min_pixels, max_pixels)
@@ -189,9 +207,10 @@ def build_demo_checkpoint(
         processor.save_pretrained(tmp)
         atomic_write_text(
             tmp / "DEMO_CHECKPOINT.json",
-            json.dumps({"family": family_name, "seed": seed, "note": "random weights, built locally"}, indent=2),
+            json.dumps({"family": family_name, "size": size, "seed": seed, "drawn_on": device,
+                        "note": "random weights, built locally"}, indent=2),
         )
-    log.info("tiny %s checkpoint written to %s", family_name, out_dir)
+    log.info("%s %s checkpoint written to %s", size, family_name, out_dir)
 
 
 def _fan_in_init(model, seed: int) -> None:
@@ -205,7 +224,7 @@ def _fan_in_init(model, seed: int) -> None:
 
     import torch
 
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     lm_head = model.get_output_embeddings()
     with torch.no_grad():
         for module in model.modules():

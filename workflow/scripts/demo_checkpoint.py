@@ -6,4 +6,5 @@ run_logged(
     snakemake.params.family, snakemake.output.checkpoint, snakemake.input.coco,
     seed=snakemake.params.seed, vocab_size=snakemake.params.settings["vocab_size"],
     min_pixels=snakemake.params.min_pixels, max_pixels=snakemake.params.max_pixels,
+    size=snakemake.params.settings.get("size", "tiny"),
 )
