@@ -17,6 +17,7 @@ include: "rules/models.smk"
 include: "rules/calib.smk"
 include: "rules/autoquant.smk"
 include: "rules/report.smk"
+include: "rules/validate.smk"
 
 
 wildcard_constraints:
@@ -42,3 +43,4 @@ rule all:
         recipes=per_cell(rules.recipes.output.summary_json),
         recipe_summary=expand(rules.recipe_summary.output.png, model=GRID["models"]),
         families=cross_model_reports(),
+        validation=validation_outputs(),

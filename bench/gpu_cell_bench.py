@@ -160,7 +160,9 @@ def run_ours(args, samples: list[dict]) -> dict:
     result = run_autoquant(spec, samples, progress=lambda line: print(f"[ours] {line}", flush=True))
     wall = time.perf_counter() - start
     groups = sorted(result["groups"], key=lambda g: -g["scores_per_token"][formats[0].name])
+    validation = run_validation_after(args, spec, formats, result, samples) if args.validate else None
     return {
+        "validation": validation,
         "wall_s": wall,
         "phases_s": result["timings_s"],
         "peak_memory": result["peak_memory"],
@@ -178,6 +180,29 @@ def run_ours(args, samples: list[dict]) -> dict:
         "scores": {g["layer"]: g["scores_per_token"][formats[0].name] for g in result["groups"]},
         "gradient_checkpointing": result["search"]["gradient_checkpointing"],
     }
+
+
+def run_validation_after(args, spec, formats, result: dict, samples: list[dict]) -> dict:
+    """vlmsens.validation on the cell just run, with synthetic held-out samples (another seed)."""
+    import gc
+
+    import torch
+
+    from vlmsens.formats import format_bits
+    from vlmsens.validation import ValidationSettings, run_validation
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    manifest = {"cell": {"candidates": [f.name for f in formats]}, "formats": {f.name: {"bits": format_bits(f)} for f in formats},
+                "search": result["search"], "groups": result["groups"]}
+    held_out = synthetic_samples(args.family, args.size, args.eval_samples, args.scope, seed=1)
+    start = time.perf_counter()
+    body = run_validation(spec, manifest, samples, held_out, ValidationSettings(),
+                          progress=lambda line: print(f"[validate] {line}", flush=True))
+    return {"wall_s": time.perf_counter() - start, "phases_s": body["timings_s"], "peak_memory": body["peak_memory"],
+            "eval_samples": args.eval_samples, "configurations_measured": body["eval"]["configurations_measured"],
+            "verdict": body["verdict"]}
 
 
 def run_baseline(args, samples: list[dict]) -> dict:
@@ -281,14 +306,23 @@ def run_one(args) -> None:
     Path(args.result).write_text(json.dumps(result, indent=1))
 
 
-def prebuild_extensions() -> float:
+def prebuild_extensions(kinds: str = "int8,fp8") -> float:
     """Build (or load from the cache) ModelOpt's CUDA extensions; returns seconds spent."""
     start = time.perf_counter()
     from modelopt.torch.quantization import extensions
 
-    extensions.get_cuda_ext(raise_if_failed=True)
-    extensions.get_cuda_ext_fp8(raise_if_failed=True)
+    if "int8" in kinds:
+        extensions.get_cuda_ext(raise_if_failed=True)
+    if "fp8" in kinds:
+        extensions.get_cuda_ext_fp8(raise_if_failed=True)
     return time.perf_counter() - start
+
+
+def extension_kinds(cells: list[str]) -> str:
+    """The extensions the requested cells' formats use (INT8 and/or FP8 fake quantization)."""
+    formats = [spec.split(":")[2] for spec in cells]
+    kinds = {"int8" for f in formats if "int" in f} | {"fp8" for f in formats if "fp8" in f or "fp4" in f}
+    return ",".join(sorted(kinds)) or "int8,fp8"
 
 
 def main(argv=None) -> int:
@@ -308,6 +342,9 @@ def main(argv=None) -> int:
                         help="let the baseline reuse the extension cache; add the cold build measured in the same call instead")
     parser.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on",
                         help="ours: recompute activations in the score phase's backward (ModelOpt's default) or not")
+    parser.add_argument("--validate", action="store_true",
+                        help="ours: run vlmsens.validation on the cell afterwards (default settings), timed separately")
+    parser.add_argument("--eval-samples", type=int, default=32, help="held-out samples of --validate")
     parser.add_argument("--profile", action="store_true", help="run the cells under torch.profiler (slower; op table next to each result)")
     args = parser.parse_args(argv)
     if args.one:
@@ -320,8 +357,10 @@ def main(argv=None) -> int:
     report = {"cells": [], "extension_build_s": None}
     if args.device.startswith("cuda"):
         env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(warm_cache)}
-        code = "import sys; sys.path.insert(0, sys.argv[1]); from gpu_cell_bench import prebuild_extensions; print(prebuild_extensions())"
-        out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], env=env, capture_output=True, text=True, check=True)
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); from gpu_cell_bench import prebuild_extensions; "
+                "print(prebuild_extensions(sys.argv[2]))")
+        out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), extension_kinds(args.cell)], env=env,
+                             capture_output=True, text=True, check=True)
         report["extension_build_s"] = float(out.stdout.strip().splitlines()[-1])
         print(f"extension build (shared cache, paid once): {report['extension_build_s']:.1f} s", flush=True)
     for spec in args.cell:
@@ -334,7 +373,8 @@ def main(argv=None) -> int:
         env["TORCH_EXTENSIONS_DIR"] = tempfile.mkdtemp(prefix="cold-ext-", dir=args.workdir) if cold else str(warm_cache)
         cmd = [sys.executable, __file__, "--one", "--impl", impl, "--family", family, "--format", fmt, "--scope", scope,
                "--samples", n, "--checkpoint", str(checkpoint), "--result", str(result_file), "--size", args.size,
-               "--device", args.device, "--batch", str(batch), "--gradient-checkpointing", args.gradient_checkpointing]
+               "--device", args.device, "--batch", str(batch), "--gradient-checkpointing", args.gradient_checkpointing,
+               "--eval-samples", str(args.eval_samples)] + (["--validate"] if args.validate and impl == "ours" else [])
         cmd += ["--profile"] if args.profile else []
         start = time.perf_counter()
         proc = subprocess.run(cmd, env=env, text=True, capture_output=True)
@@ -347,6 +387,11 @@ def main(argv=None) -> int:
         result["process_wall_s"] = process_wall
         result_file.write_text(json.dumps(result, indent=1))
         report["cells"].append({"cell": spec, **{k: v for k, v in result.items() if k != "scores"}})
+        if result.get("validation"):
+            v = result["validation"]
+            print(f"{spec}: validation {v['wall_s']:.1f} s ({v['configurations_measured']} configurations on "
+                  f"{v['eval_samples']} held-out samples), phases " + ", ".join(f"{k} {t:.1f}" for k, t in v["phases_s"].items())
+                  + f", peak {v['peak_memory']}; {v['verdict']}", flush=True)
         print(f"{spec}: process {process_wall:.1f} s, in-process {result['wall_s']:.1f} s, phases "
               + ", ".join(f"{k} {v:.1f}" for k, v in result["phases_s"].items())
               + f", peak {result['peak_memory']}, eff. {result['effective_tflops'] or 0:.1f} TFLOP/s", flush=True)

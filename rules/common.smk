@@ -128,3 +128,28 @@ def model_recipe_summaries(wildcards):
 def cross_model_reports():
     """The family comparison by relative depth: only when the grid holds two model families."""
     return [rules.depth_profile.output.png] if len(FAMILIES_IN_GRID) >= 2 else []
+
+
+# --- Validation (rules/validate.smk) ----------------------------------------------------------
+VALIDATE = config["validation"]["enabled"]
+
+
+def model_validations(wildcards):
+    """The validation.json of one model's cells."""
+    return [
+        rules.validate.output.json.format(model=c.model, format=c.format, scope=c.scope, size=c.size)
+        for c in grid_cells(config)
+        if c.model == wildcards.model
+    ]
+
+
+def validation_outputs():
+    """Validation targets of the default target: every cell's files, the summary, one plot per model."""
+    if not VALIDATE:
+        return []
+    return (
+        per_cell(rules.validate.output.json)
+        + per_cell(rules.validate.output.markdown)
+        + [rules.validation_report.output.html]
+        + expand(rules.validation_plot.output.png, model=GRID["models"])
+    )

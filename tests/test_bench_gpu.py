@@ -19,7 +19,8 @@ def test_bench_runs_ours_and_the_baseline_on_tiny_models(tmp_path):
     bench = _bench()
     out = tmp_path / "out"
     assert bench.main(["--size", "tiny", "--device", "cpu", "--workdir", str(tmp_path / "work"), "--out", str(out),
-                       "--baseline-warm-extensions", "--cell", "ours:qwen2_5_vl:wint8_aint8:all-layers:4",
+                       "--baseline-warm-extensions", "--validate", "--eval-samples", "4",
+                       "--cell", "ours:qwen2_5_vl:wint8_aint8:all-layers:4",
                        "--cell", "baseline:qwen3_vl:wint8_aint8:all-layers:4"]) == 0
     report = json.loads((out / "bench_report.json").read_text())
     assert [c["cell"] for c in report["cells"]] == ["ours:qwen2_5_vl:wint8_aint8:all-layers:4", "baseline:qwen3_vl:wint8_aint8:all-layers:4"]
@@ -29,6 +30,16 @@ def test_bench_runs_ours_and_the_baseline_on_tiny_models(tmp_path):
     assert ours["vision_groups_nonzero"] and ours["padding_fraction"] < 0.5
     assert baseline["tokens"] == 4 * bench.PAD_TO
     assert ours["floor_flops"] > 0 and baseline["floor_flops"] > 0
+    validation = ours["validation"]
+    assert validation["verdict"].startswith("ranking predicts damage") and validation["eval_samples"] == 4
+    assert {"calibrate", "reference", "top-k", "ablations", "end-to-end"} <= set(validation["phases_s"])
+    assert baseline.get("validation") is None
+
+
+def test_extension_kinds_follow_the_formats():
+    bench = _bench()
+    assert bench.extension_kinds(["ours:qwen2_5_vl:wint8_aint8:all-layers:4"]) == "int8"
+    assert bench.extension_kinds(["ours:qwen2_5_vl:wfp8_afp8:all-layers:4", "baseline:qwen3_vl:wint8_aint8:lm-only:4"]) == "fp8,int8"
 
 
 def test_synthetic_samples_label_only_the_caption():

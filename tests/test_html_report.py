@@ -38,12 +38,12 @@ CHROME_ARGS = (
 PER_MODEL_ITEMS = (
     "sensitivity.png", "rank_stability.png", "rank_stability.html", "format_comparison.png", "format_comparison.html",
     "scope_comparison.png", "scope_comparison.html", "towers_distribution.png", "towers_share.png", "towers.html",
-    "recipes.png",
+    "recipes.png", "validation.png",
 )
 SUBCATEGORIES = (
     "Per-group sensitivity", "(a) Rank stability across sizes", "(b) Format comparison (FP8 vs INT8)",
     "(c) LM-only vs all-layers", "(d) Towers: vision / text / head", "(e) Heatmaps: block × sublayer",
-    "Recipes per effective-bits budget",
+    "Recipes per effective-bits budget", "(g) Validation of the ranking",
 )
 
 pytestmark = pytest.mark.workflow
@@ -182,7 +182,7 @@ def test_report_loads_without_javascript_errors_and_lists_every_item(browser, de
     assert set(categories) == expected, categories
     names = Counter(browser.execute_script("return Object.values(results).map(r => r.name)"))
     n_cells = len(models) * len(config["grid"]["formats"]) * len(config["grid"]["scopes"]) * len(config["grid"]["sizes"])
-    assert names["summary.html"] == 1
+    assert names["summary.html"] == 1 and names["validation.html"] == 1
     for item in PER_MODEL_ITEMS:
         assert names[item] == len(models), (item, names)
     assert names["heatmap.png"] == n_cells

@@ -81,7 +81,8 @@ def slurm_cluster():
 def _test_profile(workdir: Path) -> Path:
     profile = yaml.safe_load((workdir / "profiles" / "slurm" / "config.yaml").read_text())
     profile.update(TEST_PROFILE_OVERRIDES)
-    profile["set-resources"]["autoquant"].update(AUTOQUANT_OVERRIDES)
+    for rule in ("autoquant", "validate"):
+        profile["set-resources"][rule].update(AUTOQUANT_OVERRIDES)
     folder = workdir / "profiles" / "slurm-test"
     folder.mkdir()
     (folder / "config.yaml").write_text(
@@ -104,7 +105,7 @@ def _job_stats(output: str) -> Counter:
     return counts
 
 
-@pytest.mark.timeout(3600)  # ~15 min on 2 CPUs for the 105 demo jobs; the suite default is 1800 s
+@pytest.mark.timeout(3600)  # ~15 min on 2 CPUs for the 136 demo jobs; the suite default is 1800 s
 def test_demo_grid_through_slurm(slurm_cluster, tmp_path, capsys):
     workdir = copy_workflow(tmp_path / "vlmsens")
     profile = _test_profile(workdir)
@@ -160,6 +161,10 @@ def test_demo_grid_through_slurm(slurm_cluster, tmp_path, capsys):
         devices[m.group(2)] += 1
     # Cells ran side by side on both (fake) GPUs: nothing serialises the GPU jobs on the Snakemake side.
     assert set(devices) == {"0", "1"}, devices
+    validate_logs = sorted((out / "logs" / "validate").rglob("*.log"))
+    assert len(validate_logs) == N_CELLS and len(list(out.glob("autoquant/*/*/*/*/validation.json"))) == N_CELLS
+    for log in validate_logs:
+        assert re.search(r"GPU slot: SLURM job \d+, using the GPU\(s\) SLURM allocated", log.read_text()), log
     sbatch_logs = list((workdir / ".snakemake" / "slurm_logs" / "rule_autoquant").rglob("*.log"))
     assert len(sbatch_logs) == N_CELLS
 

@@ -61,6 +61,17 @@ def test_demo_writes_every_cell_and_the_report(demo_run):
     for model in ("tiny_qwen2_5_vl", "tiny_qwen3_vl"):
         assert (out / "reports" / model / "sensitivity.png").stat().st_size > 10_000
     assert (out / "calib" / "coco2017_vlm_eval.db").is_file()
+    # Every cell is validated on the held-out subset, and the report carries the verdicts.
+    validations = sorted(out.glob("autoquant/*/*/*/*/validation.json"))
+    assert len(validations) == 24 and len(list(out.glob("autoquant/*/*/*/*/validation.md"))) == 24
+    for path in validations:
+        doc = json.loads(path.read_text())
+        assert doc["verdict"].startswith("ranking predicts damage: ρ = ")
+        assert doc["eval"]["samples"] == 12 and doc["cell"]["size"] == path.parent.name
+    summary = (out / "reports" / "validation.md").read_text()
+    assert summary.count("ranking predicts damage") == 24
+    for model in ("tiny_qwen2_5_vl", "tiny_qwen3_vl"):
+        assert (out / "reports" / model / "validation.png").stat().st_size > 10_000
     # Every job left a log and a benchmark record.
     assert len(list((out / "logs" / "autoquant").rglob("*.log"))) == 24
     assert len(list((out / "benchmarks" / "autoquant").rglob("*.tsv"))) == 24
@@ -94,14 +105,18 @@ def test_rerun_one_cell_runs_exactly_that_cell(demo_run):
     assert job_counts(dry.stdout)["autoquant"] == 1
     run = snakemake(workdir, *DEMO, "--cores", "2")
     counts = job_counts(run.stdout + run.stderr)
-    assert counts.get("autoquant") == 1, counts
-    assert not {"prepare_samples", "coco_subset", "demo_checkpoint", "demo_coco"} & set(counts)
+    assert counts.get("autoquant") == 1 and counts.get("validate") == 1, counts
+    assert not {"prepare_samples", "prepare_eval_samples", "coco_subset", "demo_checkpoint", "demo_coco"} & set(counts)
     assert (cell / "per-layer-sensitivity.json").is_file()
     assert untouched.stat().st_mtime_ns == before
     # Targeting a single file reruns just that cell too.
     target = str(cell.relative_to(workdir) / "quant_manifest.json")
     forced = snakemake(workdir, *DEMO, "-n", "--forcerun", target, "--", target)
     assert job_counts(forced.stdout) == {"autoquant": 1}
+    # A lost validation reruns the validation alone, not the cell it validates.
+    (cell / "validation.json").unlink()
+    assert job_counts(snakemake(workdir, *DEMO, "-n").stdout) == {"validate": 1, "validation_report": 1, "validation_plot": 1, "all": 1}
+    snakemake(workdir, *DEMO, "--cores", "2")
     # Nothing is left to do afterwards.
     after = snakemake(workdir, *DEMO, "-n")
     assert "Nothing to be done" in after.stdout + after.stderr
@@ -143,6 +158,7 @@ def test_dry_run_of_the_real_grid(tmp_path):
     assert counts["coco_subset"] == 3
     assert counts["autoquant"] == 24
     assert counts["prepare_samples"] == 12
+    assert counts["validate"] == 24 and counts["prepare_eval_samples"] == 4
     assert "demo_checkpoint" not in counts and "demo_coco" not in counts
 
 
@@ -171,9 +187,10 @@ def _missing_checkpoint(config):
         (_missing_checkpoint, "models.tiny_qwen3_vl.checkpoint"),
         (lambda c: c["autoquant"].update(method="hessian"), "hessian"),
         (lambda c: c.update(formats={"bad": {"candidates": ["wfp8_afp8", "nope"]}}), "nope"),
+        (lambda c: c.update(validation={"k": [0.1, 1.5]}), "1.5"),
     ],
     ids=["unknown-key", "unknown-format", "zero-size", "unknown-model", "unknown-scope", "unknown-size",
-         "missing-coco-root", "missing-checkpoint", "unknown-method", "bad-candidate"],
+         "missing-coco-root", "missing-checkpoint", "unknown-method", "bad-candidate", "validation-k-above-1"],
 )
 def test_bad_config_fails_before_any_job_with_the_key_named(tmp_path, mutate, expected):
     workdir = copy_workflow(tmp_path)

@@ -149,39 +149,40 @@ def _name_of(recipe, mapping) -> str:
     return str(recipe)
 
 
-def run_autoquant(
-    spec: CellSpec,
-    samples: list[dict],
-    *,
-    progress: Callable[[str], None] = log.info,
-    state_path: str | None = None,
-) -> dict[str, Any]:
-    """Run AutoQuantize on one cell and return the manifest body (scores, selection, timings)."""
-    import modelopt.torch.quantization as mtq
+def load_cell_model(spec: CellSpec, samples: list[dict], clock: PhaseClock, batch_size: int | None = None):
+    """The cell's model on its device and its samples as device batches: (model, batches, device, dtype)."""
     import torch
-    from modelopt.torch.opt.utils import named_hparams
-    from modelopt.torch.quantization.algorithms import QuantRecipe, QuantRecipeHparam
 
-    from .batches import batch_stats, make_batches
     from .models import dtype_for, load_model, pick_device
 
     spec.validate()
     device = pick_device(spec.device)
     dtype = dtype_for(device)
-    clock = PhaseClock(progress)
     torch.manual_seed(spec.seed)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-
     clock.enter("load", spec.checkpoint)
     model = load_model(spec.checkpoint, device, vision_attention=spec.vision_attention)
-    pad_id = model.config.text_config.pad_token_id
-    if pad_id is None:
-        pad_id = 0
-    batches = [_to_device(b, device, dtype) for b in make_batches(samples, spec.batch_size, pad_id)]
-    stats = batch_stats(batches)
+    batches = device_batches(model, samples, batch_size or spec.batch_size, device, dtype)
     if spec.scope == "all-layers" and "pixel_values" not in batches[0]:
         raise VlmsensError("scope all-layers needs image+caption samples, but the prepared samples are text-only")
+    return model, batches, device, dtype
+
+
+def device_batches(model, samples: list[dict], batch_size: int, device: str, dtype) -> list[dict]:
+    from .batches import make_batches
+
+    pad_id = model.config.text_config.pad_token_id
+    return [_to_device(b, device, dtype) for b in make_batches(samples, batch_size, 0 if pad_id is None else pad_id)]
+
+
+def search(model, spec: CellSpec, batches: list[dict], clock: PhaseClock, num_score_steps: int | None = None):
+    """``mtq.auto_quantize`` as a vlmsens cell runs it: returns (model, search_state, constraints, disabled).
+
+    Calibration uses every batch; scoring uses ``num_score_steps`` batches (default: every batch).
+    """
+    import modelopt.torch.quantization as mtq
+    import torch
 
     def forward_step(model, batch):
         clock.enter("score" if torch.is_inference_mode_enabled() else "calibrate")
@@ -203,7 +204,6 @@ def run_autoquant(
 
     formats_cfg = [f.modelopt_config for f in spec.formats]
     n_steps = len(batches)
-    clock.enter("calibrate", f"{stats['samples']} samples in {n_steps} batches, {stats['tokens']} tokens")
     try:
         with gradient_checkpointing(model, spec.gradient_checkpointing):
             model, search_state = mtq.auto_quantize(
@@ -215,7 +215,7 @@ def run_autoquant(
                 forward_backward_step=forward_backward_step if spec.method == "gradient" else None,
                 disabled_layers=disabled,
                 num_calib_steps=n_steps,
-                num_score_steps=n_steps,
+                num_score_steps=min(num_score_steps or n_steps, n_steps),
                 method=spec.method,
                 verbose=False,
             )
@@ -223,6 +223,34 @@ def run_autoquant(
         raise VlmsensError(
             f"CUDA out of memory at batch size {spec.batch_size}; a retry with a smaller batch may succeed ({err})"
         ) from err
+    return model, search_state, constraints, disabled
+
+
+def recipes_by_name(formats: list[FormatSpec]) -> dict[str, Any]:
+    """Format name (and 'bf16') -> the QuantRecipe ModelOpt built for it."""
+    return {name: recipe for recipe, name in _recipe_name_map(formats).items()}
+
+
+def run_autoquant(
+    spec: CellSpec,
+    samples: list[dict],
+    *,
+    progress: Callable[[str], None] = log.info,
+    state_path: str | None = None,
+) -> dict[str, Any]:
+    """Run AutoQuantize on one cell and return the manifest body (scores, selection, timings)."""
+    import torch
+    from modelopt.torch.opt.utils import named_hparams
+    from modelopt.torch.quantization.algorithms import QuantRecipe, QuantRecipeHparam
+
+    from .batches import batch_stats
+
+    clock = PhaseClock(progress)
+    model, batches, device, dtype = load_cell_model(spec, samples, clock)
+    stats = batch_stats(batches)
+    n_steps = len(batches)
+    clock.enter("calibrate", f"{stats['samples']} samples in {n_steps} batches, {stats['tokens']} tokens")
+    model, search_state, constraints, disabled = search(model, spec, batches, clock)
     clock.enter("solve")
 
     mapping = _recipe_name_map(spec.formats)

@@ -54,6 +54,7 @@ def prepare_samples(
         "prompts": dict(sorted(prompts.items())),
         "loss_tokens": int(sum(int((s["labels"] != -100).sum()) for s in encoded)),
         "tokens": int(sum(s["input_ids"].shape[0] for s in encoded)),
+        "images": [f"{s.split}/{s.image_relpath}" for s in samples],
     }
     save_samples(out_path, encoded, meta)
     progress(f"preprocess: wrote {out_path} ({meta['tokens']} tokens, {meta['loss_tokens']} caption tokens)")
@@ -81,33 +82,16 @@ def run_cell(
     import torch
 
     from . import provenance
-    from .autoquant import CellSpec, run_autoquant
+    from .autoquant import run_autoquant
     from .batches import load_samples
     from .calib import read_calib_db
-    from .families import get_family
-    from .formats import format_bits, format_registry, resolve_format
+    from .formats import format_bits
 
     started = time.perf_counter()
-    registry = format_registry(formats_cfg)
-    formats = resolve_format(format_name, registry)
-    bits_by_format = autoquant_cfg.get("effective_bits", {})
-    if format_name not in bits_by_format:
-        raise VlmsensError(f"autoquant.effective_bits has no target for format {format_name!r}; add one to the config")
-    spec = CellSpec(
-        model=model_name,
-        family=get_family(model_cfg["family"]),
-        checkpoint=checkpoint,
-        format_name=format_name,
-        formats=formats,
-        scope=scope,
-        size=size,
-        effective_bits=float(bits_by_format[format_name]),
-        method=autoquant_cfg.get("method", "gradient"),
-        batch_size=batch_size,
-        device=autoquant_cfg.get("device", "auto"),
-        seed=seed,
-        gradient_checkpointing=bool(autoquant_cfg.get("gradient_checkpointing", True)),
-    )
+    spec = cell_spec(model_name=model_name, model_cfg=model_cfg, checkpoint=checkpoint, format_name=format_name,
+                     formats_cfg=formats_cfg, scope=scope, size=size, autoquant_cfg=autoquant_cfg,
+                     batch_size=batch_size, seed=seed)
+    formats = spec.formats
     samples, samples_meta = load_samples(samples_path)
     if samples_meta.get("scope") != scope:
         raise VlmsensError(f"{samples_path} was prepared for scope {samples_meta.get('scope')!r}, not {scope!r}")
@@ -153,6 +137,98 @@ def run_cell(
         f"(target {spec.effective_bits}), satisfied={manifest['search']['is_satisfied']}"
     )
     return manifest
+
+
+def cell_spec(*, model_name: str, model_cfg: dict[str, Any], checkpoint: str, format_name: str,
+              formats_cfg: dict[str, Any], scope: str, size: str, autoquant_cfg: dict[str, Any],
+              batch_size: int, seed: int):
+    """The CellSpec of one cell from the config (shared by the cell and its validation)."""
+    from .autoquant import CellSpec
+    from .families import get_family
+    from .formats import format_registry, resolve_format
+
+    formats = resolve_format(format_name, format_registry(formats_cfg))
+    bits_by_format = autoquant_cfg.get("effective_bits", {})
+    if format_name not in bits_by_format:
+        raise VlmsensError(f"autoquant.effective_bits has no target for format {format_name!r}; add one to the config")
+    return CellSpec(
+        model=model_name,
+        family=get_family(model_cfg["family"]),
+        checkpoint=checkpoint,
+        format_name=format_name,
+        formats=formats,
+        scope=scope,
+        size=size,
+        effective_bits=float(bits_by_format[format_name]),
+        method=autoquant_cfg.get("method", "gradient"),
+        batch_size=batch_size,
+        device=autoquant_cfg.get("device", "auto"),
+        seed=seed,
+        gradient_checkpointing=bool(autoquant_cfg.get("gradient_checkpointing", True)),
+    )
+
+
+def validate_cell(
+    *,
+    model_name: str,
+    model_cfg: dict[str, Any],
+    checkpoint: str,
+    format_name: str,
+    formats_cfg: dict[str, Any],
+    scope: str,
+    size: str,
+    autoquant_cfg: dict[str, Any],
+    validation_cfg: dict[str, Any],
+    batch_size: int,
+    seed: int,
+    manifest_path: str,
+    samples_path: str,
+    eval_samples_path: str,
+    outputs: dict[str, str],
+    progress: Callable[[str], None] = log.info,
+) -> dict[str, Any]:
+    """Measure whether the cell's ranking predicts real damage; writes validation.json and .md."""
+    from . import provenance
+    from .batches import load_samples
+    from .validation import ValidationSettings, run_validation, validation_doc
+
+    started = time.perf_counter()
+    manifest = json.loads(Path(manifest_path).read_text())
+    spec = cell_spec(model_name=model_name, model_cfg=model_cfg, checkpoint=checkpoint, format_name=format_name,
+                     formats_cfg=formats_cfg, scope=scope, size=size, autoquant_cfg=autoquant_cfg,
+                     batch_size=batch_size, seed=seed)
+    # Calibrate exactly as the cell did: its own target, method and candidates.
+    spec.effective_bits = float(manifest["search"]["effective_bits_target"])
+    spec.method = manifest["search"]["method"]
+    if [f.name for f in spec.formats] != manifest["cell"]["candidates"]:
+        raise VlmsensError(
+            f"{manifest_path} was made with formats {manifest['cell']['candidates']}, the config now gives "
+            f"{[f.name for f in spec.formats]}: rerun the cell")
+    calib, calib_meta = load_samples(samples_path)
+    held_out, eval_meta = load_samples(eval_samples_path)
+    for path, meta in ((samples_path, calib_meta), (eval_samples_path, eval_meta)):
+        if meta.get("scope") != scope:
+            raise VlmsensError(f"{path} was prepared for scope {meta.get('scope')!r}, not {scope!r}")
+    overlap = set(calib_meta.get("images", [])) & set(eval_meta.get("images", []))
+    if overlap:
+        raise VlmsensError(f"{eval_samples_path} shares {len(overlap)} image(s) with the calibration samples; "
+                           "the evaluation subset must be held out")
+    settings = ValidationSettings.from_config(validation_cfg, seed)
+    progress(f"validate {model_name}/{format_name}/{scope}/{size}: {len(calib)} calibration, {len(held_out)} held-out samples")
+    body = run_validation(spec, manifest, calib, held_out, settings, progress=progress)
+    doc = {
+        "schema_version": 1,
+        "cell": {k: manifest["cell"][k] for k in ("model", "family", "format", "candidates", "scope", "size")},
+        **body,
+        "dataset": {"calibration": calib_meta.get("calib_meta"), "held_out": eval_meta.get("calib_meta"),
+                    "calibration_samples": str(samples_path), "held_out_samples": str(eval_samples_path)},
+    }
+    doc["provenance"] = provenance.collect(
+        {"manifest": manifest_path, "samples": samples_path, "held_out_samples": eval_samples_path}, checkpoint=checkpoint)
+    doc["provenance"]["wall_time_s"] = round(time.perf_counter() - started, 3)
+    atomic_write_text(outputs["markdown"], validation_doc(doc).to_markdown())
+    atomic_write_json(outputs["json"], doc)
+    return doc
 
 
 def write_cell_reports(manifest: dict[str, Any], outputs: dict[str, str]) -> None:

@@ -8,7 +8,9 @@ Everything here reads ``quant_manifest.json`` files only (never the model or the
 * (c) LM-only vs all-layers on the text layers;
 * (d) towers (vision / text / head): score distribution and budget shares;
 * (e) heatmap block index × sublayer type, per cell;
-* (f) model families by relative depth (only when the grid holds two families).
+* (f) model families by relative depth (only when the grid holds two families);
+* (g) validation of the rankings: verdict per cell and predicted score vs measured damage
+  (reads ``validation.json``).
 
 Each analysis returns data frames (written as CSV) and a :class:`Doc` (written as Markdown and
 as a small HTML page for ``snakemake --report``), and says "not applicable" with the reason when
@@ -1189,6 +1191,113 @@ def write_reports(
     for path, frame in ((summary_csv, summary), (layers_csv, layers), (stability_csv, stability)):
         write_csv(frame, path)
     summary_doc(manifests, summary, layers, stability).write(summary_md, summary_html)
+
+
+# =============================================================================================
+# (g) Validation of the rankings (validation.json of rule validate)
+
+
+def validation_frame(docs: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per validated cell: correlation, damage ratios, end-to-end figures and the verdict."""
+    rows = []
+    for doc in docs:
+        corr = doc["ablations"]["correlation"]
+        chosen = next(r for r in doc["top_k"] if r["fraction"] == doc["verdict_k"])
+        e2e = doc["end_to_end"]
+        rows.append({
+            **{k: doc["cell"][k] for k in CELL_KEYS},
+            "groups": doc["n_groups"],
+            "spearman_kl": corr["kl"]["spearman"]["value"],
+            "spearman_kl_lo": corr["kl"]["spearman"]["ci95"][0],
+            "spearman_kl_hi": corr["kl"]["spearman"]["ci95"][1],
+            "kendall_kl": corr["kl"]["kendall"]["value"],
+            "spearman_loss": corr["loss_increase"]["spearman"]["value"],
+            "k": chosen["k"],
+            "kl_top_k": chosen["top"]["kl"],
+            "kl_bottom_k": chosen["bottom"]["kl"],
+            "kl_random_k": chosen["random"]["mean"].get("kl", math.nan),
+            "ratio_top_bottom": chosen["ratio_top_bottom"]["kl"],
+            "recipe_bits": e2e["recipe"]["bits"],
+            "kl_recipe": e2e["recipe"]["kl"],
+            "kl_uniform": e2e["uniform"]["kl"],
+            "kl_random_recipes": e2e["random_same_budget"]["mean"].get("kl", math.nan),
+            "recipe_beats_random": f"{e2e['random_same_budget']['recipe_beats']}/{len(e2e['random_same_budget']['draws'])}",
+            "verdict": doc["verdict"],
+        })
+    return pd.DataFrame(rows)
+
+
+def _ordered_cells(frame: pd.DataFrame, size_order: list[str]) -> pd.DataFrame:
+    if frame.empty:
+        return frame
+    rank = {s: i for i, s in enumerate(size_order)}
+    key = frame["size"].map(lambda s: rank.get(s, len(rank)))
+    return frame.assign(_k=key).sort_values(["model", "format", "scope", "_k"]).drop(columns="_k").reset_index(drop=True)
+
+
+def validation_summary_doc(frame: pd.DataFrame) -> Doc:
+    doc = Doc("Validation of the rankings")
+    doc.para(
+        "Each cell's ranking is tested on the held-out evaluation subset (disjoint from calibration) "
+        "against the BF16 model, on caption tokens. Damage = KL divergence BF16 → quantized per caption "
+        "token. ρ: Spearman between a group's predicted score and the damage of quantizing that group "
+        "alone (95 % bootstrap interval). top/bottom: damage of quantizing the k most sensitive groups "
+        "over that of the k least sensitive. Recipe: the solver's selection at the cell's budget against "
+        "uniform quantization and random recipes meeting the same budget."
+    )
+    if frame.empty:
+        return doc.not_applicable("no validated cell")
+    doc.heading("Verdict per cell")
+    doc.table(frame[CELL_KEYS + ["verdict"]])
+    doc.heading("Figures")
+    cols = CELL_KEYS + ["groups", "spearman_kl", "spearman_kl_lo", "spearman_kl_hi", "kendall_kl", "spearman_loss", "k",
+                        "ratio_top_bottom", "kl_top_k", "kl_random_k", "kl_bottom_k", "recipe_bits", "kl_recipe",
+                        "kl_random_recipes", "kl_uniform", "recipe_beats_random"]
+    doc.table(frame[cols].rename(columns={
+        "spearman_kl": "ρ (KL)", "spearman_kl_lo": "ρ lo", "spearman_kl_hi": "ρ hi", "kendall_kl": "τ (KL)",
+        "spearman_loss": "ρ (Δloss)", "ratio_top_bottom": "top/bottom", "kl_top_k": "KL top-k", "kl_random_k": "KL random-k",
+        "kl_bottom_k": "KL bottom-k", "recipe_bits": "recipe bits", "kl_recipe": "KL recipe",
+        "kl_random_recipes": "KL random recipes", "kl_uniform": "KL uniform", "recipe_beats_random": "recipe beats random"}),
+        floatfmt=".3g")
+    return doc
+
+
+def write_validation_summary(validation_paths: list[str], size_order: list[str], *, md: str, html: str, csv: str) -> None:
+    docs = [json.loads(Path(p).read_text()) for p in validation_paths]
+    frame = _ordered_cells(validation_frame(docs), size_order)
+    write_csv(frame, csv)
+    validation_summary_doc(frame).write(md, html)
+
+
+def plot_validation(validation_paths: list[str], model: str, size_order: list[str], out_png: str | Path) -> None:
+    """Per format × scope: each ablated group's predicted score against its measured damage (log-log)."""
+    docs = [d for d in (json.loads(Path(p).read_text()) for p in validation_paths) if d["cell"]["model"] == model]
+    rows = [{**{k: d["cell"][k] for k in CELL_KEYS}, **r, "rho": d["ablations"]["correlation"]["kl"]["spearman"]["value"]}
+            for d in docs for r in d["ablations"]["rows"]]
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        _na_figure(out_png, f"{model}: validation", "no validated cell")
+        return
+    sizes = ordered(frame["size"].unique(), size_order)
+    markers = dict(zip(sizes, "os^Dv<>p*h", strict=False))
+    floor = _floor(pd.concat([frame["predicted_score_per_token"], frame["kl"]]))
+    fig, axes, panels = _format_scope_grid(frame, 5.2, 4.2)
+    for ax, fmt, scope, sub in panels:
+        for size in sizes:
+            for tower in TOWERS:
+                pts = sub[(sub["size"] == size) & (sub["tower"] == tower)]
+                if len(pts):
+                    ax.scatter(pts["predicted_score_per_token"].clip(lower=floor), pts["kl"].clip(lower=floor), s=24,
+                               alpha=0.75, marker=markers[size], color=TOWER_COLORS[tower], edgecolors="none")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        rhos = ", ".join(f"{size} ρ={sub[sub['size'] == size]['rho'].iloc[0]:.2f}" for size in sizes if (sub["size"] == size).any())
+        ax.set_title(f"{fmt} / {scope}\n{rhos}", fontsize=9)
+        ax.set_xlabel("predicted score per caption token")
+        ax.set_ylabel("measured KL, group quantized alone")
+    _legend_towers_sizes(fig, axes[0, -1], markers)
+    fig.suptitle(f"{model}: does the ranking predict damage? (one-group ablations, held-out data)", fontsize=10)
+    _save(fig, out_png)
 
 
 # =============================================================================================

@@ -6,7 +6,7 @@ from vlmsens.logs import run_logged
 w = snakemake.wildcards
 torch.set_num_threads(snakemake.threads)
 run_logged(
-    snakemake.log[0], f"prepare_samples {w.model}/{w.scope}/{w.size}", prepare_samples,
+    snakemake.log[0], f"{snakemake.rule} {w.model}/{w.scope}/{getattr(w, 'size', 'held-out')}", prepare_samples,
     checkpoint=snakemake.params.checkpoint, calib_db=snakemake.input.db, coco_root=snakemake.params.coco_root,
     scope=w.scope, prompts=snakemake.params.prompts, out_path=snakemake.output.samples,
 )
