@@ -13,6 +13,16 @@ MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112
 WORKFLOW_PARTS = ("Snakefile", "rules", "config", "workflow", "docs", "profiles", "envs")
 
 
+def load_bench(name: str):
+    """A bench/ script as a module (bench/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def copy_workflow(dest: Path) -> Path:
     """A copy of the workflow (no results, no venv) to run Snakemake in, away from the checkout."""
     dest.mkdir(parents=True, exist_ok=True)

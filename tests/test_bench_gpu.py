@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
-from conftest import REPO
+from conftest import load_bench
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("gpu_cell_bench", REPO / "bench" / "gpu_cell_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("gpu_cell_bench")
 
 
 def test_bench_runs_ours_and_the_baseline_on_tiny_models(tmp_path):

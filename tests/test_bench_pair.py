@@ -7,17 +7,13 @@ writes is valid, both Snakemake runs happen, ``--resources gpu=2`` lets the two 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
-from conftest import REPO
+from conftest import load_bench
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("gpu_pair_bench", REPO / "bench" / "gpu_pair_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("gpu_pair_bench")
 
 
 def test_pair_bench_runs_both_settings_on_tiny_models(tmp_path):

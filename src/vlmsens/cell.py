@@ -139,6 +139,16 @@ def run_cell(
     return manifest
 
 
+def cell_arguments(smk) -> dict[str, Any]:
+    """The cell's identity and settings from a Snakemake job of rule autoquant or validate."""
+    w, params = smk.wildcards, smk.params
+    return dict(
+        model_name=w.model, model_cfg=params.model_cfg, checkpoint=params.checkpoint, format_name=w.format,
+        formats_cfg=params.formats_cfg, scope=w.scope, size=w.size, autoquant_cfg=params.autoquant_cfg,
+        batch_size=smk.resources.batch_size, seed=params.seed,
+    )
+
+
 def cell_spec(*, model_name: str, model_cfg: dict[str, Any], checkpoint: str, format_name: str,
               formats_cfg: dict[str, Any], scope: str, size: str, autoquant_cfg: dict[str, Any],
               batch_size: int, seed: int):
@@ -170,22 +180,13 @@ def cell_spec(*, model_name: str, model_cfg: dict[str, Any], checkpoint: str, fo
 
 def validate_cell(
     *,
-    model_name: str,
-    model_cfg: dict[str, Any],
-    checkpoint: str,
-    format_name: str,
-    formats_cfg: dict[str, Any],
-    scope: str,
-    size: str,
-    autoquant_cfg: dict[str, Any],
     validation_cfg: dict[str, Any],
-    batch_size: int,
-    seed: int,
     manifest_path: str,
     samples_path: str,
     eval_samples_path: str,
     outputs: dict[str, str],
     progress: Callable[[str], None] = log.info,
+    **cell: Any,
 ) -> dict[str, Any]:
     """Measure whether the cell's ranking predicts real damage; writes validation.json and .md."""
     from . import provenance
@@ -194,9 +195,7 @@ def validate_cell(
 
     started = time.perf_counter()
     manifest = json.loads(Path(manifest_path).read_text())
-    spec = cell_spec(model_name=model_name, model_cfg=model_cfg, checkpoint=checkpoint, format_name=format_name,
-                     formats_cfg=formats_cfg, scope=scope, size=size, autoquant_cfg=autoquant_cfg,
-                     batch_size=batch_size, seed=seed)
+    spec = cell_spec(**cell)  # the cell's own keyword arguments (see run_cell)
     # Calibrate exactly as the cell did: its own target, method and candidates.
     spec.effective_bits = float(manifest["search"]["effective_bits_target"])
     spec.method = manifest["search"]["method"]
@@ -207,14 +206,15 @@ def validate_cell(
     calib, calib_meta = load_samples(samples_path)
     held_out, eval_meta = load_samples(eval_samples_path)
     for path, meta in ((samples_path, calib_meta), (eval_samples_path, eval_meta)):
-        if meta.get("scope") != scope:
-            raise VlmsensError(f"{path} was prepared for scope {meta.get('scope')!r}, not {scope!r}")
+        if meta.get("scope") != spec.scope:
+            raise VlmsensError(f"{path} was prepared for scope {meta.get('scope')!r}, not {spec.scope!r}")
     overlap = set(calib_meta.get("images", [])) & set(eval_meta.get("images", []))
     if overlap:
         raise VlmsensError(f"{eval_samples_path} shares {len(overlap)} image(s) with the calibration samples; "
                            "the evaluation subset must be held out")
-    settings = ValidationSettings.from_config(validation_cfg, seed)
-    progress(f"validate {model_name}/{format_name}/{scope}/{size}: {len(calib)} calibration, {len(held_out)} held-out samples")
+    settings = ValidationSettings.from_config(validation_cfg, spec.seed)
+    progress(f"validate {spec.model}/{spec.format_name}/{spec.scope}/{spec.size}: {len(calib)} calibration, "
+             f"{len(held_out)} held-out samples")
     body = run_validation(spec, manifest, calib, held_out, settings, progress=progress)
     doc = {
         "schema_version": 1,
@@ -224,7 +224,7 @@ def validate_cell(
                     "calibration_samples": str(samples_path), "held_out_samples": str(eval_samples_path)},
     }
     doc["provenance"] = provenance.collect(
-        {"manifest": manifest_path, "samples": samples_path, "held_out_samples": eval_samples_path}, checkpoint=checkpoint)
+        {"manifest": manifest_path, "samples": samples_path, "held_out_samples": eval_samples_path}, checkpoint=spec.checkpoint)
     doc["provenance"]["wall_time_s"] = round(time.perf_counter() - started, 3)
     atomic_write_text(outputs["markdown"], validation_doc(doc).to_markdown())
     atomic_write_json(outputs["json"], doc)
