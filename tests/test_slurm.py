@@ -105,7 +105,7 @@ def _job_stats(output: str) -> Counter:
     return counts
 
 
-@pytest.mark.timeout(3600)  # ~15 min on 2 CPUs for the 131 demo jobs; the suite default is 1800 s
+@pytest.mark.timeout(3600)  # ~14 min on 2 CPUs for the 136 demo jobs; the suite default is 1800 s
 def test_demo_grid_through_slurm(slurm_cluster, tmp_path, capsys):
     workdir = copy_workflow(tmp_path / "vlmsens")
     profile = _test_profile(workdir)
