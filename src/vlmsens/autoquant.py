@@ -149,7 +149,7 @@ def _name_of(recipe, mapping) -> str:
     return str(recipe)
 
 
-def load_cell_model(spec: CellSpec, samples: list[dict], clock: PhaseClock, batch_size: int | None = None):
+def load_cell_model(spec: CellSpec, samples: list[dict], clock: PhaseClock):
     """The cell's model on its device and its samples as device batches: (model, batches, device, dtype)."""
     import torch
 
@@ -163,7 +163,7 @@ def load_cell_model(spec: CellSpec, samples: list[dict], clock: PhaseClock, batc
         torch.cuda.reset_peak_memory_stats()
     clock.enter("load", spec.checkpoint)
     model = load_model(spec.checkpoint, device, vision_attention=spec.vision_attention)
-    batches = device_batches(model, samples, batch_size or spec.batch_size, device, dtype)
+    batches = device_batches(model, samples, spec.batch_size, device, dtype)
     if spec.scope == "all-layers" and "pixel_values" not in batches[0]:
         raise VlmsensError("scope all-layers needs image+caption samples, but the prepared samples are text-only")
     return model, batches, device, dtype

@@ -35,6 +35,7 @@ from tabulate import tabulate
 
 from .io import atomic_path, atomic_write_text
 from .render import layer_rows
+from .validation import verdict_row
 
 CELL_KEYS = ["model", "format", "scope", "size"]
 TOWERS = ("vision", "text", "head")
@@ -495,7 +496,7 @@ def format_comparison(scores: pd.DataFrame, size_order: list[str], format_order:
 
 def _order_key(scope_rank: dict[str, int], size_rank: dict[str, int]):
     def key(col: pd.Series) -> pd.Series:
-        if col.name == "scope":
+        if col.name == "scope" and scope_rank:
             return col.map(scope_rank)
         if col.name == "size":
             return col.map(size_rank)
@@ -1202,7 +1203,7 @@ def validation_frame(docs: list[dict[str, Any]]) -> pd.DataFrame:
     rows = []
     for doc in docs:
         corr = doc["ablations"]["correlation"]
-        chosen = next(r for r in doc["top_k"] if r["fraction"] == doc["verdict_k"])
+        chosen = verdict_row(doc)
         e2e = doc["end_to_end"]
         rows.append({
             **{k: doc["cell"][k] for k in CELL_KEYS},
@@ -1225,14 +1226,6 @@ def validation_frame(docs: list[dict[str, Any]]) -> pd.DataFrame:
             "verdict": doc["verdict"],
         })
     return pd.DataFrame(rows)
-
-
-def _ordered_cells(frame: pd.DataFrame, size_order: list[str]) -> pd.DataFrame:
-    if frame.empty:
-        return frame
-    rank = {s: i for i, s in enumerate(size_order)}
-    key = frame["size"].map(lambda s: rank.get(s, len(rank)))
-    return frame.assign(_k=key).sort_values(["model", "format", "scope", "_k"]).drop(columns="_k").reset_index(drop=True)
 
 
 def validation_summary_doc(frame: pd.DataFrame) -> Doc:
@@ -1264,7 +1257,10 @@ def validation_summary_doc(frame: pd.DataFrame) -> Doc:
 
 def write_validation_summary(validation_paths: list[str], size_order: list[str], *, md: str, html: str, csv: str) -> None:
     docs = [json.loads(Path(p).read_text()) for p in validation_paths]
-    frame = _ordered_cells(validation_frame(docs), size_order)
+    frame = validation_frame(docs)
+    if not frame.empty:
+        size_rank = {s: i for i, s in enumerate(size_order)}
+        frame = frame.sort_values(CELL_KEYS, key=_order_key({}, size_rank)).reset_index(drop=True)
     write_csv(frame, csv)
     validation_summary_doc(frame).write(md, html)
 

@@ -134,10 +134,15 @@ def verdict_k(fractions: list[float]) -> float:
     return ordered[(len(ordered) - 1) // 2]
 
 
+def verdict_row(result: dict[str, Any]) -> dict[str, Any]:
+    """The top-k comparison the verdict line quotes (k = ``verdict_k``)."""
+    return next(row for row in result["top_k"] if row["fraction"] == result["verdict_k"])
+
+
 def verdict(result: dict[str, Any]) -> str:
     rho = result["ablations"]["correlation"][DAMAGE]["spearman"]
     lo, hi = rho["ci95"]
-    chosen = next(row for row in result["top_k"] if row["fraction"] == result["verdict_k"])
+    chosen = verdict_row(result)
     r = chosen["ratio_top_bottom"][DAMAGE]
     ratio_text = f"{r:.3g}×" if r is not None else "undefined (bottom-k damage is 0)"
     interval = f" [{lo:.2f}, {hi:.2f}]" if not (math.isnan(lo) or math.isnan(hi)) else ""
