@@ -195,9 +195,8 @@ def run_pair(args) -> dict:
         # The workflow's own extension cache (rule autoquant's params.extensions_cache), filled once,
         # while the inputs are built.
         env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(results / ".cache" / "torch_extensions")}
-        code = ("import sys, time; t = time.perf_counter(); from modelopt.torch.quantization import extensions as e; "
-                "e.get_cuda_ext(raise_if_failed=True); e.get_cuda_ext_fp8(raise_if_failed=True); print(time.perf_counter() - t)")
-        build = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+        code = "import sys; sys.path.insert(0, sys.argv[1]); from gpu_cell_bench import prebuild_extensions; print(prebuild_extensions())"
+        build = subprocess.Popen([sys.executable, "-c", code, str(Path(__file__).parent)], env=env, stdout=subprocess.PIPE, text=True)
     start = time.perf_counter()
     coco, checkpoint = build_inputs(workdir, family=args.family, size=args.size, samples=args.samples, on_gpu=on_gpu)
     report["inputs_s"] = round(time.perf_counter() - start, 1)
