@@ -1,20 +1,22 @@
-"""AutoQuantize cells on full-size Qwen-VL architectures (random weights) against plain ModelOpt.
+"""AutoQuantize cells on full-size Qwen-VL architectures (random weights) against the careful baseline.
 
-Each cell runs in a fresh process (like one Snakemake job). Two implementations:
+Each cell runs in a fresh process (like one Snakemake job). Three implementations:
 
-* ``ours``: vlmsens' cell (run_autoquant): caption-only loss with lm_head on caption positions,
-  length-bucketed batches with dynamic padding, all samples for calibration and scoring, and a
-  shared ModelOpt extension cache (built once, before the timed cells).
-* ``baseline``: plain ``mtq.auto_quantize`` as a script user writes it: one sample per batch
-  padded to 512 tokens, ``labels=input_ids`` (loss over the whole sequence), one process per
-  cell, and a cold extension cache (the CUDA extensions are JIT-built inside the timed run).
+* ``ours``: vlmsens' cell (``run_autoquant``): caption-only loss with lm_head on caption positions,
+  length-bucketed batches with dynamic padding, all samples for calibration and scoring.
+* ``baseline``: the careful plain-ModelOpt script every speed ratio is measured against
+  (docs/DESIGN.md, "Speed baseline"): ``mtq.auto_quantize`` on the same samples, batched, padding
+  per batch only, ``labels=input_ids``, transformers as shipped, the same warm extension cache.
+* ``fwdbwd``: one plain bf16 forward+backward of the same samples through our model path, no
+  quantizers: what the cell's compute would cost without ModelOpt's per-module work.
 
+The ModelOpt CUDA extensions are built once into a shared cache before the timed cells.
 Inputs are synthetic image+caption samples of COCO-like size: 640×480 images resized by the
 Qwen rule within [min_pixels, max_pixels], captions of 8-20 words (random token ids).
 
 Usage (on a GPU machine; see bench/RESULTS.md for the exact commands):
     python bench/gpu_cell_bench.py --workdir /tmp/vb --out $OUT \\
-        --cell ours:qwen2_5_vl:wint8_aint8:all-layers:128 --cell baseline:qwen2_5_vl:wint8_aint8:all-layers:128
+        --cell baseline:qwen2_5_vl:wint8_aint8:all-layers:128:4 --cell ours:qwen2_5_vl:wint8_aint8:all-layers:128:auto
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 IMAGE_SIZE = (480, 640)  # height, width of a typical COCO image
-PAD_TO = 512  # the baseline's fixed sequence length
 
 
 def _smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -85,8 +86,8 @@ def synthetic_samples(family_name: str, size: str, n: int, scope: str, seed: int
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         labels[len(prompt): len(prompt) + n_caption] = input_ids[len(prompt): len(prompt) + n_caption]
         sample = {"input_ids": input_ids, "labels": labels}
-        if family.needs_mm_token_type_ids:
-            sample["mm_token_type_ids"] = (input_ids == ids["image_pad"]).long()
+        # Both processors return token types (1 = image); the models build multimodal RoPE from them.
+        sample["mm_token_type_ids"] = (input_ids == ids["image_pad"]).long()
         if pixel_values is not None:
             sample["pixel_values"] = pixel_values
             sample["image_grid_thw"] = grid
@@ -205,13 +206,43 @@ def run_validation_after(args, spec, formats, result: dict, samples: list[dict])
             "verdict": body["verdict"]}
 
 
+def careful_batches(samples: list[dict], batch: int, pad_id: int, device: str, dtype) -> list[dict]:
+    """Batches as a careful script builds them: samples in the given order, right-padded to the
+    longest of each batch (never to a fixed length), ``labels=input_ids`` with padding ignored."""
+    import torch
+
+    out = []
+    for start in range(0, len(samples), batch):
+        chunk = samples[start:start + batch]
+        length = max(int(s["input_ids"].shape[0]) for s in chunk)
+        input_ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), length), dtype=torch.long)
+        mm = torch.zeros((len(chunk), length), dtype=torch.long) if "mm_token_type_ids" in chunk[0] else None
+        for i, s in enumerate(chunk):
+            n = int(s["input_ids"].shape[0])
+            input_ids[i, :n], mask[i, :n] = s["input_ids"], 1
+            if mm is not None:
+                mm[i, :n] = s["mm_token_type_ids"]
+        labels = input_ids.masked_fill(mask == 0, -100)
+        b = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+        if mm is not None:
+            b["mm_token_type_ids"] = mm
+        if "pixel_values" in chunk[0]:
+            b["pixel_values"] = torch.cat([s["pixel_values"] for s in chunk]).to(dtype)
+            b["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in chunk])
+        out.append({k: v.to(device) for k, v in b.items()})
+    return out
+
+
 def run_baseline(args, samples: list[dict]) -> dict:
-    """Plain ModelOpt usage: batch 1, padded to 512, labels=input_ids, cold extension build."""
+    """The careful plain-ModelOpt script (docs/DESIGN.md, "Speed baseline"): ``mtq.auto_quantize`` on
+    the same samples, batched (``--batch``), padding per batch only, ``labels=input_ids``,
+    transformers as shipped (its own SDPA vision attention), the shared warm extension cache."""
     import modelopt.torch.quantization as mtq
     import torch
 
     from vlmsens.formats import format_registry, resolve_format
-    from vlmsens.models import load_model
+    from vlmsens.models import dtype_for, load_model
 
     device = args.device
     phases = {}
@@ -221,24 +252,8 @@ def run_baseline(args, samples: list[dict]) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     phases["load"] = time.perf_counter() - t0
-    pad_id = 151643 if args.size == "full" else 0
-    data = []
-    for s in samples:
-        ids = s["input_ids"][:PAD_TO]
-        n = ids.shape[0]
-        input_ids = torch.full((1, PAD_TO), pad_id, dtype=torch.long)
-        input_ids[0, :n] = ids
-        mask = torch.zeros((1, PAD_TO), dtype=torch.long)
-        mask[0, :n] = 1
-        batch = {"input_ids": input_ids, "attention_mask": mask, "labels": input_ids.clone()}
-        if "mm_token_type_ids" in s:
-            mm = torch.zeros((1, PAD_TO), dtype=torch.long)
-            mm[0, :n] = s["mm_token_type_ids"][:PAD_TO]
-            batch["mm_token_type_ids"] = mm
-        if "pixel_values" in s:
-            batch["pixel_values"] = s["pixel_values"].to(torch.bfloat16 if device.startswith("cuda") else torch.float32)
-            batch["image_grid_thw"] = s["image_grid_thw"]
-        data.append({k: v.to(device) for k, v in batch.items()})
+    pad_id = model.config.text_config.pad_token_id or 0
+    data = careful_batches(samples, args.batch, pad_id, device, dtype_for(device))
     formats = [f.modelopt_config for f in resolve_format(args.format, format_registry({"wfp8_or_wint8": {"candidates": ["wfp8_afp8", "wint8_aint8"]}}))]
     t1 = time.perf_counter()
     model, state = mtq.auto_quantize(
@@ -269,7 +284,7 @@ def run_baseline(args, samples: list[dict]) -> dict:
         "wall_s": time.perf_counter() - t0,
         "phases_s": phases,
         "peak_memory": peak,
-        "tokens": PAD_TO * len(data),
+        "tokens": sum(int(b["attention_mask"].numel()) for b in data),
         "groups": len(stats),
         "bits_achieved": state["best"]["constraints"].get("effective_bits"),
         "n_formats": len(formats),
@@ -277,20 +292,84 @@ def run_baseline(args, samples: list[dict]) -> dict:
     }
 
 
+def run_fwdbwd(args, samples: list[dict]) -> dict:
+    """One plain bf16 forward+backward of the same samples through our model path (the cell's
+    loading, attention and batches, caption-token loss), no quantizers: the reference for the
+    cell's overhead over plain training-style compute."""
+    import torch
+
+    from vlmsens.autoquant import caption_logits, device_batches
+    from vlmsens.models import dtype_for, load_model
+
+    device = args.device
+    t0 = time.perf_counter()
+    model = load_model(args.checkpoint, device)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    phases = {"load": time.perf_counter() - t0}
+    batches = device_batches(model, samples, args.batch, device, dtype_for(device))
+    t1 = time.perf_counter()
+    for batch in batches:
+        logits, targets = caption_logits(model, batch)
+        torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum").backward()
+        model.zero_grad(set_to_none=True)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    phases["forward_backward"] = time.perf_counter() - t1
+    peak = {"gpu_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)} if device.startswith("cuda") else {}
+    return {"wall_s": time.perf_counter() - t0, "phases_s": phases, "peak_memory": peak, "n_formats": 0,
+            "tokens": sum(int(b["attention_mask"].sum()) for b in batches), "scores": {}}
+
+
+def summarise_collapsed(path: Path, top: int = 45) -> str:
+    """Self and inclusive sample counts per Python frame of a py-spy ``--format raw`` profile."""
+    from collections import Counter
+
+    own, inclusive, total = Counter(), Counter(), 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        own[frames[-1]] += n
+        for frame in set(frames):
+            inclusive[frame] += n
+    lines = [f"{total} samples", "", "self:"]
+    lines += [f"{100 * n / total:6.2f}% {frame}" for frame, n in own.most_common(top)]
+    lines += ["", "inclusive:"]
+    lines += [f"{100 * n / total:6.2f}% {frame}" for frame, n in inclusive.most_common(2 * top)]
+    return "\n".join(lines) + "\n"
+
+
 def run_one(args) -> None:
-    runner = run_ours if args.impl == "ours" else run_baseline
+    runner = {"ours": run_ours, "baseline": run_baseline, "fwdbwd": run_fwdbwd}[args.impl]
     samples = synthetic_samples(args.family, args.size, args.samples, args.scope)
+    if args.cudnn_sdpa == "on":
+        import torch
+
+        # A/B of the cell's choice: keep cuDNN's SDPA backend although the cell switches it off.
+        torch.backends.cuda.enable_cudnn_sdp = lambda enabled: None
     if args.profile:
         import torch
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-        with profile(activities=activities) as prof:
+        with profile(activities=activities, with_stack=True) as prof:
             result = runner(args, samples)
         averages = prof.key_averages()
         sort_key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+        by_stack = prof.key_averages(group_by_stack_n=7)
+        syncs = [e for e in by_stack if e.key in ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaMemcpyAsync",
+                                                   "aten::item", "aten::nonzero", "cudaDeviceSynchronize")]
+        syncs.sort(key=lambda e: -e.count)
+        stack_lines = [f"{e.count:7d} x {e.key}  self CPU {e.self_cpu_time_total / 1e3:.1f} ms\n    " + "\n    ".join(e.stack)
+                       for e in syncs[:40]]
         Path(args.result).with_suffix(".profile.txt").write_text(
-            averages.table(sort_by=sort_key, row_limit=40) + "\n\n" + averages.table(sort_by="cpu_time_total", row_limit=25)
+            averages.table(sort_by=sort_key, row_limit=40) + "\n\n" + averages.table(sort_by="cpu_time_total", row_limit=40)
+            + "\n\nhost syncs and copies by call site:\n" + "\n".join(stack_lines)
         )
     else:
         result = runner(args, samples)
@@ -338,14 +417,15 @@ def main(argv=None) -> int:
     parser.add_argument("--impl"), parser.add_argument("--family"), parser.add_argument("--format")
     parser.add_argument("--scope"), parser.add_argument("--samples", type=int), parser.add_argument("--checkpoint")
     parser.add_argument("--result")
-    parser.add_argument("--baseline-warm-extensions", action="store_true",
-                        help="let the baseline reuse the extension cache; add the cold build measured in the same call instead")
     parser.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on",
                         help="ours: recompute activations in the score phase's backward (ModelOpt's default) or not")
     parser.add_argument("--validate", action="store_true",
                         help="ours: run vlmsens.validation on the cell afterwards (default settings), timed separately")
     parser.add_argument("--eval-samples", type=int, default=32, help="held-out samples of --validate")
     parser.add_argument("--profile", action="store_true", help="run the cells under torch.profiler (slower; op table next to each result)")
+    parser.add_argument("--py-spy", action="store_true", help="sample each cell process with py-spy (Python frames, self and inclusive)")
+    parser.add_argument("--cudnn-sdpa", choices=["on", "off"], default="off",
+                        help="ours: keep cuDNN's SDPA backend on (A/B of the cell's default, off)")
     args = parser.parse_args(argv)
     if args.one:
         run_one(args)
@@ -368,14 +448,15 @@ def main(argv=None) -> int:
         batch = int(rest[0]) if rest else args.batch
         checkpoint = build_checkpoint(family, args.size, args.workdir / f"{family}-{args.size}", args.device)
         result_file = args.out / f"{impl}-{family}-{fmt}-{scope}-{n}-b{batch}.json"
-        env = dict(os.environ)
-        cold = impl == "baseline" and not args.baseline_warm_extensions
-        env["TORCH_EXTENSIONS_DIR"] = tempfile.mkdtemp(prefix="cold-ext-", dir=args.workdir) if cold else str(warm_cache)
+        env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(warm_cache)}
         cmd = [sys.executable, __file__, "--one", "--impl", impl, "--family", family, "--format", fmt, "--scope", scope,
                "--samples", n, "--checkpoint", str(checkpoint), "--result", str(result_file), "--size", args.size,
                "--device", args.device, "--batch", str(batch), "--gradient-checkpointing", args.gradient_checkpointing,
                "--eval-samples", str(args.eval_samples)] + (["--validate"] if args.validate and impl == "ours" else [])
         cmd += ["--profile"] if args.profile else []
+        cmd += ["--cudnn-sdpa", args.cudnn_sdpa]
+        if args.py_spy:
+            cmd = ["py-spy", "record", "--rate", "200", "--format", "raw", "--output", str(result_file.with_suffix(".pyspy.txt")), "--", *cmd]
         start = time.perf_counter()
         proc = subprocess.run(cmd, env=env, text=True, capture_output=True)
         process_wall = time.perf_counter() - start
@@ -385,6 +466,9 @@ def main(argv=None) -> int:
             continue
         result = json.loads(result_file.read_text())
         result["process_wall_s"] = process_wall
+        if args.py_spy and result_file.with_suffix(".pyspy.txt").is_file():
+            summary = summarise_collapsed(result_file.with_suffix(".pyspy.txt"))
+            result_file.with_suffix(".pyspy-summary.txt").write_text(summary)
         result_file.write_text(json.dumps(result, indent=1))
         report["cells"].append({"cell": spec, **{k: v for k, v in result.items() if k != "scores"}})
         if result.get("validation"):

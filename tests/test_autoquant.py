@@ -295,6 +295,25 @@ def test_varlen_vision_attention_computes_the_same_function(tiny_checkpoints, su
     assert (g_ref - g_new).norm() / g_ref.norm() < 1e-4
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rope_positions_computed_once_equal_the_models_own(tiny_checkpoints, subsets, demo_coco, family):
+    """The batch's stored multimodal RoPE positions give the same logits as transformers' per-forward ones."""
+    from vlmsens.autoquant import add_rope_positions
+    from vlmsens.models import load_model
+
+    samples = _encoded(tiny_checkpoints[family], subsets["small"], demo_coco, "all-layers")
+    batch = {k: v for k, v in make_batches(samples, 4, pad_token_id=0)[0].items() if k != "labels"}
+    model = load_model(str(tiny_checkpoints[family]), "cpu")
+    with torch.no_grad():
+        own = model(**batch).logits
+        add_rope_positions(model, batch)
+        assert batch["position_ids"].shape == (3, *batch["input_ids"].shape)
+        # image tokens carry 2-D positions: the three RoPE axes differ somewhere
+        assert not torch.equal(batch["position_ids"][1], batch["position_ids"][0])
+        stored = model(**batch).logits
+    assert torch.equal(own, stored)
+
+
 def test_varlen_vision_attention_keeps_the_scores(planted, subsets, demo_coco):
     family = "qwen2_5_vl"  # windowed vision attention: many pieces per image
     samples = _encoded(planted[family], subsets["small"], demo_coco, "all-layers")

@@ -8,6 +8,11 @@ instead. This registers such an implementation, built on PyTorch's own SDPA: the
 gathered into a padded batch (windows are at most 64 patches, so padding is small), attended
 with a key-padding mask in one call, and scattered back. It computes the same function as the
 per-piece loop (checked in tests) on CPU and GPU, without any extra package.
+
+On CUDA, where PyTorch ships ``torch.nn.attention.varlen.varlen_attn`` (Flash Attention over
+packed sequences), the pieces are attended in place instead: no gather, no padding, no mask. The
+longest piece comes from transformers (``max_length_q``, computed once per forward), so no layer
+waits on the GPU to read it.
 """
 
 from __future__ import annotations
@@ -17,10 +22,18 @@ import torch
 NAME = "vlmsens_flash_varlen_sdpa"
 
 
-def _layout(cu_seqlens: torch.Tensor, total: int):
+def _flash_varlen():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # PyTorch without it: the padded SDPA path serves
+        return None
+    return varlen_attn
+
+
+def _layout(cu_seqlens: torch.Tensor, total: int, max_len: int | None = None):
     """(positions [N, L], valid [N, L]) that gather a packed sequence into N padded pieces."""
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    max_len = int(lengths.max())
+    max_len = int(lengths.max()) if max_len is None else int(max_len)
     offsets = torch.arange(max_len, device=cu_seqlens.device)
     valid = offsets[None, :] < lengths[:, None]
     positions = (cu_seqlens[:-1, None] + offsets[None, :]).clamp(max=total - 1)
@@ -38,6 +51,7 @@ def varlen_sdpa_forward(
     is_causal: bool | None = None,
     cu_seq_lens_q: torch.Tensor | None = None,
     cu_seq_lens_k: torch.Tensor | None = None,
+    max_length_q: int | None = None,
     **kwargs,
 ):
     """Attention over the pieces of a packed sequence ``[1, heads, total, dim]`` in one SDPA call."""
@@ -49,7 +63,13 @@ def varlen_sdpa_forward(
     if cu_seq_lens_k is not None and not torch.equal(cu_seq_lens_q, cu_seq_lens_k):
         raise ValueError("varlen SDPA needs identical query and key boundaries")
     total = query.shape[2]
-    positions, valid = _layout(cu_seq_lens_q.to(torch.long), total)
+    varlen_attn = _flash_varlen() if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) else None
+    if varlen_attn is not None and max_length_q is not None and not (dropout and module.training):
+        cu = cu_seq_lens_q.to(torch.int32)
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [total, H, D]
+        out = varlen_attn(q, k, v, cu, cu, int(max_length_q), int(max_length_q), scale=scaling)
+        return out.unsqueeze(0), None
+    positions, valid = _layout(cu_seq_lens_q.to(torch.long), total, max_length_q)
 
     def pieces(t: torch.Tensor) -> torch.Tensor:  # [1, H, S, D] -> [N, H, L, D]
         return t[0][:, positions].permute(1, 0, 2, 3)

@@ -161,6 +161,9 @@ def load_cell_model(spec: CellSpec, samples: list[dict], clock: PhaseClock):
     torch.manual_seed(spec.seed)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+        # cuDNN's SDPA backend plans every new shape on the host (about 5 ms a call); ragged
+        # batches and vision windows make most calls new shapes (docs/DESIGN.md, "Speed").
+        torch.backends.cuda.enable_cudnn_sdp(False)
     clock.enter("load", spec.checkpoint)
     model = load_model(spec.checkpoint, device, vision_attention=spec.vision_attention)
     batches = device_batches(model, samples, spec.batch_size, device, dtype)
@@ -173,7 +176,28 @@ def device_batches(model, samples: list[dict], batch_size: int, device: str, dty
     from .batches import make_batches
 
     pad_id = model.config.text_config.pad_token_id
-    return [_to_device(b, device, dtype) for b in make_batches(samples, batch_size, 0 if pad_id is None else pad_id)]
+    batches = [_to_device(b, device, dtype) for b in make_batches(samples, batch_size, 0 if pad_id is None else pad_id)]
+    for batch in batches:
+        add_rope_positions(model, batch)
+    return batches
+
+
+def add_rope_positions(model, batch: dict) -> None:
+    """Store the batch's multimodal RoPE positions in it, computed once.
+
+    Without ``position_ids`` transformers recomputes them on every forward, in a Python loop over
+    the samples that reads token types back from the GPU; a cell runs each batch through the model
+    several times (calibration, scoring, recomputation), so they are computed here once instead.
+    """
+    import torch
+
+    inner = getattr(model, "model", None)
+    if "image_grid_thw" not in batch or "mm_token_type_ids" not in batch or not hasattr(inner, "get_rope_index"):
+        return
+    with torch.no_grad():
+        positions, _ = inner.get_rope_index(batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+                                            image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"])
+    batch["position_ids"] = positions
 
 
 def search(model, spec: CellSpec, batches: list[dict], clock: PhaseClock, num_score_steps: int | None = None):
