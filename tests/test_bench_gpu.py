@@ -15,16 +15,20 @@ def test_bench_runs_ours_and_the_baseline_on_tiny_models(tmp_path):
     bench = _bench()
     out = tmp_path / "out"
     assert bench.main(["--size", "tiny", "--device", "cpu", "--workdir", str(tmp_path / "work"), "--out", str(out),
-                       "--baseline-warm-extensions", "--validate", "--eval-samples", "4",
+                       "--validate", "--eval-samples", "4",
                        "--cell", "ours:qwen2_5_vl:wint8_aint8:all-layers:4",
-                       "--cell", "baseline:qwen3_vl:wint8_aint8:all-layers:4"]) == 0
+                       "--cell", "baseline:qwen3_vl:wint8_aint8:all-layers:4:2",
+                       "--cell", "fwdbwd:qwen3_vl:wint8_aint8:all-layers:4:2"]) == 0
     report = json.loads((out / "bench_report.json").read_text())
-    assert [c["cell"] for c in report["cells"]] == ["ours:qwen2_5_vl:wint8_aint8:all-layers:4", "baseline:qwen3_vl:wint8_aint8:all-layers:4"]
-    ours, baseline = report["cells"]
-    assert "error" not in ours and "error" not in baseline
+    assert [c["cell"] for c in report["cells"]] == ["ours:qwen2_5_vl:wint8_aint8:all-layers:4", "baseline:qwen3_vl:wint8_aint8:all-layers:4:2",
+                                                    "fwdbwd:qwen3_vl:wint8_aint8:all-layers:4:2"]
+    ours, baseline, fwdbwd = report["cells"]
+    assert "error" not in ours and "error" not in baseline and "error" not in fwdbwd
     assert set(ours["phases_s"]) == {"load", "calibrate", "score", "solve"}
     assert ours["vision_groups_nonzero"] and ours["padding_fraction"] < 0.5
-    assert baseline["tokens"] == 4 * bench.PAD_TO
+    # the careful baseline pads each batch of 2 to its own longest sample, never to a fixed length
+    assert baseline["real_tokens"] <= baseline["tokens"] < 1.5 * baseline["real_tokens"]
+    assert set(fwdbwd["phases_s"]) == {"load", "forward_backward"} and fwdbwd["tokens"] == fwdbwd["real_tokens"]
     assert ours["floor_flops"] > 0 and baseline["floor_flops"] > 0
     validation = ours["validation"]
     assert validation["verdict"].startswith("ranking predicts damage") and validation["eval_samples"] == 4
@@ -36,6 +40,19 @@ def test_extension_kinds_follow_the_formats():
     bench = _bench()
     assert bench.extension_kinds(["ours:qwen2_5_vl:wint8_aint8:all-layers:4"]) == "int8"
     assert bench.extension_kinds(["ours:qwen2_5_vl:wfp8_afp8:all-layers:4", "baseline:qwen3_vl:wint8_aint8:lm-only:4"]) == "fp8,int8"
+
+
+def test_careful_batches_pad_per_batch_and_ignore_padding_in_labels():
+    import torch
+
+    bench = _bench()
+    samples = bench.synthetic_samples("qwen2_5_vl", "tiny", 5, "all-layers")
+    batches = bench.careful_batches(samples, 2, pad_id=0, device="cpu", dtype=torch.float32)
+    assert [b["input_ids"].shape[0] for b in batches] == [2, 2, 1]
+    for start, b in zip((0, 2, 4), batches, strict=True):
+        lengths = [int(s["input_ids"].shape[0]) for s in samples[start:start + 2]]
+        assert b["input_ids"].shape[1] == max(lengths)
+        assert torch.equal(b["labels"] == -100, b["attention_mask"] == 0)
 
 
 def test_synthetic_samples_label_only_the_caption():
