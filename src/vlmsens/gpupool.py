@@ -33,6 +33,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -265,13 +266,26 @@ def run_gpu_job(smk, prefix: str, func, **kwargs):
     ``smk`` is the script's ``snakemake`` object; its rule declares ``params.extensions_cache`` (one
     ModelOpt extension cache for every job, so only the first builds) and ``params.gpu_locks``.
     """
+    from . import worker
     from .logs import run_logged, setup
 
     # ModelOpt JIT-builds its CUDA extensions on first use; read at import, so set before torch loads.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.abspath(smk.params.extensions_cache))
-    setup(smk.log[0], prefix)
+    open(smk.log[0], "w").close()
+    # Appending: the worker's child writes to the same log while this process keeps it open.
+    setup(smk.log[0], prefix, mode="a")
     # Pinned through CUDA_VISIBLE_DEVICES before torch loads; SLURM's allocation under SLURM.
     with gpu_slot(smk.params.gpu_locks):
+        if worker.enabled():
+            try:
+                code = worker.run_job(worker.address_for(smk.params.gpu_locks), func, kwargs, log_path=smk.log[0],
+                                      prefix=prefix, threads=smk.threads)
+            except worker.WorkerUnavailable as err:
+                log.warning("worker: %s; running the job in this process", err)
+            else:
+                if code:
+                    sys.exit(code)
+                return None
         import torch
 
         torch.set_num_threads(smk.threads)

@@ -1,0 +1,443 @@
+"""A warm process per host that runs GPU jobs, so that each job does not pay the imports again.
+
+About 20 s of every AutoQuantize or validation job is Python importing torch, transformers and
+ModelOpt (ModelOpt alone pulls in torch._dynamo, sympy and its plugins). With the worker, the
+first GPU job of a run starts one server process that imports all of that once; every job then
+sends its work to the server, which forks a child for it: the child inherits the warm imports,
+takes the job's GPU pin, writes to the job's own log and exits when the job is done.
+
+What stays as without it:
+
+* each cell is still its own Snakemake job and file target; the job process holds its GPU slot
+  (``vlmsens.gpupool``) for the whole run of its child, so one cell holds a GPU at a time;
+* a crash costs one cell: the child's exit status (or the signal that killed it) becomes the job's
+  exit status, and a job process that is killed (Ctrl-C, ``--forcerun`` elsewhere, a scheduler)
+  takes its child with it: the server kills the child as soon as the job's connection drops;
+* CUDA starts in the child only: the server never initialises it (forked CUDA contexts are not
+  usable), and refuses to serve if an import did.
+
+Protocol: one Unix socket per (results folder, host), owner-only; a JSON line per message. The
+server answers ``ping`` with its fingerprint (interpreter, package versions, the vlmsens sources'
+sizes and times, the environment that affects results); a job whose fingerprint differs (the code
+was edited, another venv) asks that server to retire and starts a new one. A server with no job for
+``VLMSENS_WORKER_IDLE_S`` seconds (default 300) exits and removes its socket.
+
+``VLMSENS_WORKER=0`` runs every job in its own process as before; under SLURM (``SLURM_JOB_ID``)
+each job is its own allocation, so jobs always run in-process there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+ENABLE_ENV = "VLMSENS_WORKER"
+IDLE_ENV = "VLMSENS_WORKER_IDLE_S"
+START_TIMEOUT_ENV = "VLMSENS_WORKER_START_S"
+DEFAULT_IDLE_S = 300.0
+DEFAULT_START_TIMEOUT_S = 600.0
+# Environment a job passes to its child: what the job's own pinning and caches set.
+JOB_ENV = ("CUDA_VISIBLE_DEVICES", "TORCH_EXTENSIONS_DIR")
+# Environment that changes what a job computes or loads; part of the fingerprint.
+FINGERPRINT_ENV = ("PYTHONPATH", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TORCH_EXTENSIONS_DIR",
+                   "PYTORCH_CUDA_ALLOC_CONF", "CUBLAS_WORKSPACE_CONFIG")
+PRELOAD = (
+    "torch",
+    "transformers",
+    "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
+    "transformers.models.qwen3_vl.modeling_qwen3_vl",
+    "transformers.models.qwen2_5_vl.processing_qwen2_5_vl",
+    "transformers.models.qwen3_vl.processing_qwen3_vl",
+    "modelopt.torch.quantization",
+    "modelopt.torch.opt",
+    "scipy.stats",
+    "vlmsens.autoquant",
+    "vlmsens.cell",
+    "vlmsens.validation",
+    "vlmsens.render",
+)
+
+
+CANNOT_RUN_HERE = 75  # a child's exit status: the job did not start; run it in-process
+
+
+def _gpu_expected() -> bool:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return visible.strip() not in ("", "-1")
+    import torch
+
+    return torch.cuda._device_count_nvml() > 0
+
+
+class WorkerUnavailable(RuntimeError):
+    """The worker cannot take the job; the job runs in its own process instead."""
+
+
+def enabled(env: dict[str, str] | None = None) -> bool:
+    env = os.environ if env is None else env
+    if env.get("SLURM_JOB_ID"):
+        return False
+    return env.get(ENABLE_ENV, "1").strip().lower() not in ("0", "false", "no", "off", "")
+
+
+def address_for(results_dir: str | os.PathLike) -> str:
+    """The socket of the worker serving ``results_dir`` on this host (short: sockets cap paths at 107 bytes)."""
+    key = hashlib.sha256(f"{socket.gethostname()}:{Path(results_dir).resolve()}".encode()).hexdigest()[:16]
+    folder = Path(tempfile.gettempdir()) / f"vlmsens-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return str(folder / f"{key}.sock")
+
+
+def fingerprint() -> str:
+    """What must match between a job and the server that runs it."""
+    from importlib import metadata
+
+    import vlmsens
+
+    package = Path(vlmsens.__file__).parent
+    sources = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in package.glob("*.py"))
+    versions = {}
+    for dist in ("torch", "transformers", "nvidia-modelopt", "vlmsens"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[dist] = metadata.version(dist)
+    payload = {
+        "python": sys.executable,
+        "package": str(package),
+        "sources": sources,
+        "versions": versions,
+        "env": {k: os.environ.get(k) for k in FINGERPRINT_ENV},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+# --- the job's side --------------------------------------------------------------------------------
+
+def _send(sock: socket.socket, message: dict[str, Any]) -> None:
+    sock.sendall((json.dumps(message) + "\n").encode())
+
+
+def _receive(sock: socket.socket) -> dict[str, Any] | None:
+    """One message, or None when the other side closed the connection."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    return json.loads(data)
+
+
+def _connect(address: str, timeout: float | None = 5.0) -> socket.socket | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(address)
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def _ask(address: str, message: dict[str, Any]) -> dict[str, Any] | None:
+    sock = _connect(address)
+    if sock is None:
+        return None
+    with sock:
+        try:
+            _send(sock, message)
+            return _receive(sock)
+        except OSError:
+            return None
+
+
+def ensure_server(address: str, expected: str, *, start_timeout: float | None = None) -> None:
+    """A server with fingerprint ``expected`` listening at ``address``: found, or started and awaited."""
+    if start_timeout is None:
+        start_timeout = float(os.environ.get(START_TIMEOUT_ENV, DEFAULT_START_TIMEOUT_S))
+    lock_path = address + ".lock"
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one job starts the server; the others wait for it here
+        answer = _ask(address, {"op": "ping"})
+        if answer is not None and answer.get("fingerprint") == expected:
+            return
+        if answer is not None:
+            log.info("worker: the running server was started for other code or settings; retiring it")
+            _ask(address, {"op": "retire"})
+            _wait_gone(address, timeout=30.0)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(address)
+        server_log = address.removesuffix(".sock") + ".log"
+        env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+        env["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # is_available() without initialising CUDA
+        with open(server_log, "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "vlmsens.worker", "--address", address, "--fingerprint", expected],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            )
+        log.info("worker: starting a server (pid %d, log %s): imports once for the jobs that follow", proc.pid, server_log)
+        started = time.monotonic()
+        while time.monotonic() - started < start_timeout:
+            if proc.poll() is not None:
+                raise WorkerUnavailable(f"the worker server exited with status {proc.returncode} while starting; see {server_log}")
+            answer = _ask(address, {"op": "ping"})
+            if answer is not None:
+                if answer.get("fingerprint") != expected:
+                    raise WorkerUnavailable(f"the worker server came up with another fingerprint; see {server_log}")
+                log.info("worker: server ready after %.1f s", time.monotonic() - started)
+                return
+            time.sleep(0.2)
+        proc.kill()
+        raise WorkerUnavailable(f"the worker server did not come up within {start_timeout:.0f} s; see {server_log}")
+
+
+def _wait_gone(address: str, timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while os.path.exists(address) and time.monotonic() < end:
+        time.sleep(0.1)
+
+
+def run_job(address: str, func, kwargs: dict[str, Any], *, log_path: str, prefix: str, threads: int) -> int:
+    """Run ``func(**kwargs)`` in a child of the warm server; returns its exit status (0 = done).
+
+    Raises WorkerUnavailable when the server cannot take the job (nothing has run then).
+    """
+    expected = fingerprint()
+    ensure_server(address, expected)
+    request = {
+        "op": "run",
+        "fingerprint": expected,
+        "func": f"{func.__module__}:{func.__qualname__}",
+        "kwargs": kwargs,
+        "log": os.path.abspath(log_path),
+        "prefix": prefix,
+        "threads": int(threads),
+        "env": {k: os.environ.get(k) for k in JOB_ENV},
+    }
+    sock = _connect(address)
+    if sock is None:
+        raise WorkerUnavailable(f"cannot connect to the worker at {address}")
+    with sock:
+        sock.settimeout(None)
+        try:
+            payload = json.dumps(request)
+        except TypeError as err:
+            raise WorkerUnavailable(f"the job's arguments are not JSON ({err})") from None
+        started = time.monotonic()
+        sock.sendall((payload + "\n").encode())
+        answer = _receive(sock)
+    if answer is None:
+        log.error("worker: the server closed the connection before the job finished (the server died?)")
+        return 1
+    if "error" in answer:
+        raise WorkerUnavailable(answer["error"])
+    log.info("worker: job finished in %.1f s in child pid %s: %s", time.monotonic() - started, answer.get("pid"),
+             answer.get("status"))
+    return int(answer["exit"])
+
+
+# --- the server's side -----------------------------------------------------------------------------
+
+def _resolve(ref: str):
+    import importlib
+
+    module, _, name = ref.partition(":")
+    target = importlib.import_module(module)
+    for part in name.split("."):
+        target = getattr(target, part)
+    return target
+
+
+def _child(request: dict[str, Any]) -> int:
+    """In the forked child: the job's environment, log and threads, then the job itself."""
+    os.setsid()  # the job and whatever it spawns (ninja builds) form one group, killed together
+    for key, value in request["env"].items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    fd = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
+    sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
+    import torch
+
+    from .logs import run_logged
+
+    # Without NVML (no GPU driver) an import's is_available() marks every fork "bad"; that only
+    # matters to a child that will use a GPU.
+    if torch.cuda._is_in_bad_fork() and _gpu_expected():
+        print("worker: CUDA was touched before the fork; running the job in its own process instead", file=sys.stderr)
+        return CANNOT_RUN_HERE
+    torch.set_num_threads(request["threads"])
+    try:
+        run_logged(None, request["prefix"], _resolve(request["func"]), **request["kwargs"])
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        line = self.rfile.readline()
+        if not line:
+            return
+        request = json.loads(line)
+        op = request.get("op")
+        server: _Server = self.server  # type: ignore[assignment]
+        if op == "ping":
+            self._answer({"fingerprint": server.fingerprint, "pid": os.getppid()})
+            return
+        if op == "retire":
+            os.kill(os.getppid(), signal.SIGUSR1)
+            self._answer({"retiring": True})
+            return
+        if request.get("fingerprint") != server.fingerprint:
+            self._answer({"error": "the worker runs other code or settings than this job"})
+            return
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = _child(request)
+            finally:
+                with contextlib.suppress(Exception):
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                os._exit(code)
+        status = self._supervise(pid)
+        if status is None:
+            return  # the job's process is gone: nobody to answer
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == CANNOT_RUN_HERE:
+            self._answer({"error": "the worker's fork cannot use CUDA (see the job log)"})
+            return
+        if os.WIFEXITED(status):
+            code, text = os.WEXITSTATUS(status), f"exit status {os.WEXITSTATUS(status)}"
+        else:
+            sig = os.WTERMSIG(status)
+            code, text = 128 + sig, f"killed by signal {signal.Signals(sig).name}"
+            with contextlib.suppress(OSError), open(request["log"], "a") as job_log:
+                job_log.write(f"worker: the job's process was {text}\n")
+        self._answer({"exit": code, "status": text, "pid": pid})
+
+    def _supervise(self, pid: int) -> int | None:
+        """Wait for the child; kill it (and its group) if the job's connection drops first."""
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return status
+            readable, _, _ = select.select([self.connection], [], [], 0.2)
+            if readable and not self.connection.recv(1, socket.MSG_PEEK):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return None
+
+    def _answer(self, message: dict[str, Any]) -> None:
+        with contextlib.suppress(OSError):
+            self.wfile.write((json.dumps(message) + "\n").encode())
+
+
+class _Server(socketserver.ForkingMixIn, socketserver.UnixStreamServer):
+    block_on_close = False
+    max_children = 64
+
+    def __init__(self, address: str, fingerprint: str):
+        self.fingerprint = fingerprint
+        self.last_activity = time.monotonic()
+        old_umask = os.umask(0o077)
+        try:
+            super().__init__(address, _Handler)
+        finally:
+            os.umask(old_umask)
+
+    def process_request(self, request, client_address):
+        self.last_activity = time.monotonic()
+        super().process_request(request, client_address)
+
+
+def serve(address: str, expected: str, idle_s: float) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker[%(process)d] %(message)s", force=True)
+    started = time.perf_counter()
+    import importlib
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+    import torch
+
+    if torch.cuda.is_initialized():
+        log.error("an import initialised CUDA; a forked child could not use the GPU: not serving")
+        return 3
+    if fingerprint() != expected:
+        log.error("this server's fingerprint differs from the job's; not serving")
+        return 4
+    retire = False
+
+    def on_retire(*_):
+        nonlocal retire
+        retire = True
+
+    signal.signal(signal.SIGUSR1, on_retire)
+    server = _Server(address, expected)
+    inode = os.stat(address).st_ino
+    server.timeout = 0.5
+    log.info("serving at %s after %.1f s of imports; exits after %.0f s without a job", address, time.perf_counter() - started, idle_s)
+    try:
+        while True:
+            server.handle_request()
+            server.collect_children()
+            if server.active_children:
+                server.last_activity = time.monotonic()
+            try:
+                moved = os.stat(address).st_ino != inode
+            except FileNotFoundError:
+                moved = True
+            if moved or retire or time.monotonic() - server.last_activity > idle_s:
+                break
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(address).st_ino == inode:
+                os.unlink(address)
+        server.server_close()
+        # A retired server lets its running jobs finish before it exits.
+        while server.active_children:
+            server.collect_children(blocking=True)
+    log.info("exiting (%s)", "retired" if retire else "idle or socket gone")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m vlmsens.worker", description="the warm GPU-job server (started by jobs)")
+    parser.add_argument("--address", required=True)
+    parser.add_argument("--fingerprint", required=True)
+    parser.add_argument("--idle", type=float, default=float(os.environ.get(IDLE_ENV, DEFAULT_IDLE_S)))
+    args = parser.parse_args(argv)
+    return serve(args.address, args.fingerprint, args.idle)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

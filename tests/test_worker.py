@@ -1,0 +1,121 @@
+"""The warm worker: jobs run in forked children of one server that imported everything once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vlmsens import worker
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def address(tmp_path_factory):
+    """One server for the module's tests (each start imports torch, transformers and ModelOpt)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+        mp.setenv(worker.IDLE_ENV, "60")
+        mp.delenv("SLURM_JOB_ID", raising=False)
+        address = worker.address_for(tmp_path_factory.mktemp("results"))
+        yield address
+        worker._ask(address, {"op": "retire"})
+        worker._wait_gone(address, timeout=10)
+
+
+def _server_pid(address: str) -> int:
+    return worker._ask(address, {"op": "ping"})["pid"]
+
+
+def test_jobs_run_in_children_of_one_warm_server(address, tmp_path, monkeypatch):
+    import worker_jobs
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    log_path = tmp_path / "job.log"
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"out{i}.json"
+        code = worker.run_job(address, worker_jobs.report, {"out": str(out)}, log_path=str(log_path), prefix="test", threads=1)
+        assert code == 0
+        outs.append(json.loads(out.read_text()))
+        if i == 0:
+            server = _server_pid(address)
+    assert _server_pid(address) == server  # the second job found the first job's server
+    assert outs[0]["pid"] != outs[1]["pid"] and server not in (outs[0]["pid"], outs[1]["pid"])
+    assert all(o["threads"] == 1 and o["cuda_visible_devices"] == "" for o in outs)
+    text = log_path.read_text()
+    assert f"[test] job running in pid {outs[1]['pid']}" in text
+
+
+def test_a_child_starts_with_modelopt_imported(address, tmp_path):
+    import worker_jobs
+
+    out = tmp_path / "modules.json"
+    assert worker.run_job(address, worker_jobs.report, {"out": str(out)}, log_path=str(tmp_path / "a.log"), prefix="t", threads=1) == 0
+    assert json.loads(out.read_text())["modelopt_preloaded"]
+    probe = subprocess.run([sys.executable, "-c", "import sys; print('modelopt.torch.quantization' in sys.modules)"],
+                           capture_output=True, text=True)
+    assert probe.stdout.strip() == "False"  # a fresh interpreter has not
+
+
+@pytest.mark.parametrize(("job", "code", "in_log"), [
+    ("fail_clearly", 1, "calibration DB /x/y.db holds no samples"),
+    ("crash", 1, "RuntimeError: an unexpected failure deep inside"),
+    ("die", 128 + signal.SIGKILL, "the job's process was killed by signal SIGKILL"),
+])
+def test_a_failing_job_fails_its_caller_with_the_reason_in_its_log(address, tmp_path, job, code, in_log):
+    import worker_jobs
+
+    log_path = tmp_path / "job.log"
+    assert worker.run_job(address, getattr(worker_jobs, job), {}, log_path=str(log_path), prefix="t", threads=1) == code
+    assert in_log in log_path.read_text()
+    # the server survives a job's death and serves the next one
+    assert worker.run_job(address, worker_jobs.report, {"out": str(tmp_path / "o.json")}, log_path=str(log_path), prefix="t", threads=1) == 0
+
+
+def test_a_killed_job_takes_its_child_with_it(address, tmp_path):
+    pid_file = tmp_path / "pid"
+    code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import worker_jobs; from vlmsens import worker; "
+            f"worker.run_job({address!r}, worker_jobs.sleep_forever, {{'out': {str(pid_file)!r}}}, log_path={str(tmp_path / 'j.log')!r}, prefix='t', threads=1)")
+    job = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 120
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline and job.poll() is None
+        time.sleep(0.2)
+    child = int(pid_file.read_text())
+    os.kill(child, 0)  # running
+    job.kill()
+    job.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the child {child} outlived its job")
+
+
+def test_other_settings_get_their_own_server(address, tmp_path, monkeypatch):
+    import worker_jobs
+
+    args = dict(log_path=str(tmp_path / "j.log"), prefix="t", threads=1)
+    assert worker.run_job(address, worker_jobs.report, {"out": str(tmp_path / "1.json")}, **args) == 0
+    first = _server_pid(address)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # changes what a job may load
+    assert worker.run_job(address, worker_jobs.report, {"out": str(tmp_path / "2.json")}, **args) == 0
+    assert _server_pid(address) != first
+
+
+def test_disabled_by_environment_and_under_slurm():
+    assert worker.enabled({})
+    assert not worker.enabled({worker.ENABLE_ENV: "0"})
+    assert not worker.enabled({"SLURM_JOB_ID": "42"})
