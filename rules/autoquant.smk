@@ -47,6 +47,7 @@ rule autoquant:
         mem_mb=64000,
         runtime=60,
         batch_size=batch_size_for_attempt,
+        batch_halvings=batch_halvings_for_attempt,
     retries: 2
     log:
         f"{LOGS}/autoquant/{{model}}/{{format}}/{{scope}}/{{size}}.log",

@@ -91,8 +91,14 @@ def checkpoint_of(wildcards):
 
 
 def batch_size_for_attempt(wildcards, attempt):
-    """Each retry after a failure (e.g. CUDA out of memory) halves the batch."""
-    return max(1, config["autoquant"]["batch_size"] // 2 ** (attempt - 1))
+    """Each retry after a failure (e.g. CUDA out of memory) halves the batch; 0 means auto."""
+    size = config["autoquant"]["batch_size"]
+    return 0 if size == "auto" else max(1, size // 2 ** (attempt - 1))
+
+
+def batch_halvings_for_attempt(wildcards, attempt):
+    """An auto-sized batch is halved inside the cell, once per retry."""
+    return attempt - 1 if config["autoquant"]["batch_size"] == "auto" else 0
 
 
 # --- Reports and recipes (rules/report.smk) ---------------------------------------------------

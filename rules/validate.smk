@@ -48,6 +48,7 @@ rule validate:
         mem_mb=64000,
         runtime=60,
         batch_size=batch_size_for_attempt,
+        batch_halvings=batch_halvings_for_attempt,
     retries: 2
     log:
         f"{LOGS}/validate/{{model}}/{{format}}/{{scope}}/{{size}}.log",

@@ -45,7 +45,11 @@ class CellSpec:
     size: str
     effective_bits: float
     method: str = "gradient"
+    # 0: the largest batch that fits the GPU memory budget (gpu_memory_gib, or the card's free memory
+    # less a margin), from the family's measured memory model; each halving (an OOM retry) halves it.
     batch_size: int = 4
+    batch_halvings: int = 0
+    gpu_memory_gib: float | None = None
     device: str = "auto"
     seed: int = 0
     vision_attention: str = "varlen"
@@ -56,6 +60,8 @@ class CellSpec:
             raise VlmsensError(f"unknown scope {self.scope!r}; use one of {SCOPES}")
         if self.method not in METHODS:
             raise VlmsensError(f"autoquant.method must be one of {METHODS}, got {self.method!r}")
+        if self.batch_size < 0 or self.batch_halvings < 0:
+            raise VlmsensError(f"batch size must be positive or 0 (auto), got {self.batch_size}")
         if not 0 < self.effective_bits <= 16:
             raise VlmsensError(f"effective bits target must be in (0, 16], got {self.effective_bits}")
 
@@ -150,7 +156,10 @@ def _name_of(recipe, mapping) -> str:
 
 
 def load_cell_model(spec: CellSpec, samples: list[dict], clock: PhaseClock):
-    """The cell's model on its device and its samples as device batches: (model, batches, device, dtype)."""
+    """The cell's model on its device and its samples as device batches: (model, batches, device, dtype, plan).
+
+    ``plan`` says which batch size was used and why (fixed, or sized by memory).
+    """
     import torch
 
     from .models import dtype_for, load_model, pick_device
@@ -166,10 +175,56 @@ def load_cell_model(spec: CellSpec, samples: list[dict], clock: PhaseClock):
         torch.backends.cuda.enable_cudnn_sdp(False)
     clock.enter("load", spec.checkpoint)
     model = load_model(spec.checkpoint, device, vision_attention=spec.vision_attention)
-    batches = device_batches(model, samples, spec.batch_size, device, dtype)
+    plan = batch_plan(spec, model, samples, device)
+    clock.progress(plan["reason"])
+    batches = device_batches(model, samples, plan["batch_size"], device, dtype)
     if spec.scope == "all-layers" and "pixel_values" not in batches[0]:
         raise VlmsensError("scope all-layers needs image+caption samples, but the prepared samples are text-only")
-    return model, batches, device, dtype
+    return model, batches, device, dtype, plan
+
+
+# Kept free of the memory budget: the allocator's fragmentation, ModelOpt's quantizer state and kernels' workspaces.
+MEMORY_MARGIN_GIB = 2.0
+CPU_AUTO_BATCH = 8
+
+
+def batch_plan(spec: CellSpec, model, samples: list[dict], device: str) -> dict[str, Any]:
+    """The cell's batch size: the configured one, or the largest that the memory budget holds."""
+    from .batches import plan_batch_size
+
+    halve = 2 ** spec.batch_halvings
+    if spec.batch_size > 0:
+        size = max(1, spec.batch_size // halve)
+        return {"policy": "fixed", "batch_size": size, "reason": f"batch size {size} (configured {spec.batch_size}"
+                + (f", halved {spec.batch_halvings}× after out-of-memory" if spec.batch_halvings else "") + ")"}
+    if spec.gpu_memory_gib is None and not device.startswith("cuda"):
+        size = max(1, CPU_AUTO_BATCH // halve)
+        return {"policy": "auto", "batch_size": size, "reason": f"batch size {size} (auto on the CPU: no memory budget)"}
+    static = _resident_bytes(model, device)
+    if spec.gpu_memory_gib is not None:
+        cap, source = spec.gpu_memory_gib * 2**30, f"autoquant.gpu_memory_gib = {spec.gpu_memory_gib:g}"
+    else:
+        import torch
+
+        free, total = torch.cuda.mem_get_info(torch.device(device))
+        cap, source = static + free, f"free memory of the card ({(static + free) / 2**30:.1f} of {total / 2**30:.1f} GiB)"
+    budget = cap - static - MEMORY_MARGIN_GIB * 2**30
+    size, need = plan_batch_size(samples, spec.family.memory_model(spec.gradient_checkpointing), budget / halve)
+    size = max(1, size)
+    predicted = (static + need) / 2**30
+    return {"policy": "auto", "batch_size": size, "memory_cap_gib": round(cap / 2**30, 3),
+            "predicted_peak_gib": round(predicted, 3), "halvings": spec.batch_halvings,
+            "reason": f"batch size {size} (auto: predicted peak {predicted:.1f} GiB within {source}, "
+                      f"{MEMORY_MARGIN_GIB:g} GiB kept free" + (f", budget halved {spec.batch_halvings}× after out-of-memory" if spec.batch_halvings else "") + ")"}
+
+
+def _resident_bytes(model, device: str) -> float:
+    """What the cell holds before any batch runs: the weights (allocated memory on a GPU)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return float(torch.cuda.memory_allocated(torch.device(device)))
+    return float(sum(p.numel() * p.element_size() for p in model.parameters()))
 
 
 def device_batches(model, samples: list[dict], batch_size: int, device: str, dtype) -> list[dict]:
@@ -245,7 +300,7 @@ def search(model, spec: CellSpec, batches: list[dict], clock: PhaseClock, num_sc
             )
     except torch.cuda.OutOfMemoryError as err:
         raise VlmsensError(
-            f"CUDA out of memory at batch size {spec.batch_size}; a retry with a smaller batch may succeed ({err})"
+            f"CUDA out of memory at batch size {len(batches[0]['input_ids'])}; a retry with a smaller batch may succeed ({err})"
         ) from err
     return model, search_state, constraints, disabled
 
@@ -270,7 +325,7 @@ def run_autoquant(
     from .batches import batch_stats
 
     clock = PhaseClock(progress)
-    model, batches, device, dtype = load_cell_model(spec, samples, clock)
+    model, batches, device, dtype, plan = load_cell_model(spec, samples, clock)
     stats = batch_stats(batches)
     n_steps = len(batches)
     clock.enter("calibrate", f"{stats['samples']} samples in {n_steps} batches, {stats['tokens']} tokens")
@@ -321,6 +376,7 @@ def run_autoquant(
         "dtype": str(dtype).removeprefix("torch."),
         "vision_attention": model.config.vision_config._attn_implementation,
         "batches": stats,
+        "batch_plan": plan,
         "search": {
             "method": spec.method,
             "gradient_checkpointing": spec.gradient_checkpointing,

@@ -18,6 +18,7 @@ from typing import Any
 
 from .calib import CalibSample
 from .errors import VlmsensError
+from .families import MemoryModel
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,25 @@ def make_batches(samples: list[dict], batch_size: int, pad_token_id: int) -> lis
         collate([samples[i] for i in order[start : start + batch_size]], pad_token_id)
         for start in range(0, len(order), batch_size)
     ]
+
+
+def plan_batch_size(samples: list[dict], model: MemoryModel, budget_bytes: float, max_batch: int | None = None) -> tuple[int, float]:
+    """The largest batch size whose every batch (as ``make_batches`` forms them) fits ``budget_bytes``
+    of activation memory; returns it with the predicted bytes of its largest batch. At least 1."""
+    if not samples:
+        raise VlmsensError("no samples to plan batches for")
+    order = sorted(range(len(samples)), key=lambda i: samples[i]["input_ids"].shape[0])
+    ordered = [samples[i] for i in order]
+
+    def largest(batch: int) -> float:
+        return max(model.batch_bytes(ordered[start:start + batch]) for start in range(0, len(ordered), batch))
+
+    best, best_bytes = 1, largest(1)
+    for batch in range(2, min(len(samples), max_batch or len(samples)) + 1):
+        need = largest(batch)
+        if need <= budget_bytes:
+            best, best_bytes = batch, need
+    return best, best_bytes
 
 
 def batch_stats(batches: list[dict]) -> dict[str, int | float]:

@@ -63,6 +63,7 @@ def prepare_samples(
 
 def run_cell(
     *,
+    batch_halvings: int = 0,
     model_name: str,
     model_cfg: dict[str, Any],
     checkpoint: str,
@@ -90,13 +91,13 @@ def run_cell(
     started = time.perf_counter()
     spec = cell_spec(model_name=model_name, model_cfg=model_cfg, checkpoint=checkpoint, format_name=format_name,
                      formats_cfg=formats_cfg, scope=scope, size=size, autoquant_cfg=autoquant_cfg,
-                     batch_size=batch_size, seed=seed)
+                     batch_size=batch_size, batch_halvings=batch_halvings, seed=seed)
     formats = spec.formats
     samples, samples_meta = load_samples(samples_path)
     if samples_meta.get("scope") != scope:
         raise VlmsensError(f"{samples_path} was prepared for scope {samples_meta.get('scope')!r}, not {scope!r}")
     _, db_meta = read_calib_db(calib_db)
-    progress(f"cell {model_name}/{format_name}/{scope}/{size}: {len(samples)} samples, batch size {batch_size}")
+    progress(f"cell {model_name}/{format_name}/{scope}/{size}: {len(samples)} samples, batch size {batch_size or 'auto'}")
 
     with atomic_path(outputs["state"]) as state_tmp:
         result = run_autoquant(spec, samples, progress=progress, state_path=str(state_tmp))
@@ -114,7 +115,8 @@ def run_cell(
             "config": {
                 "effective_bits": spec.effective_bits,
                 "method": spec.method,
-                "batch_size": batch_size,
+                "batch_size": batch_size or "auto",
+                "batch_size_used": result["batch_plan"]["batch_size"],
                 "seed": seed,
                 "prompts": samples_meta.get("prompts"),
                 "autoquant": autoquant_cfg,
@@ -145,13 +147,13 @@ def cell_arguments(smk) -> dict[str, Any]:
     return dict(
         model_name=w.model, model_cfg=params.model_cfg, checkpoint=params.checkpoint, format_name=w.format,
         formats_cfg=params.formats_cfg, scope=w.scope, size=w.size, autoquant_cfg=params.autoquant_cfg,
-        batch_size=smk.resources.batch_size, seed=params.seed,
+        batch_size=smk.resources.batch_size, batch_halvings=getattr(smk.resources, "batch_halvings", 0), seed=params.seed,
     )
 
 
 def cell_spec(*, model_name: str, model_cfg: dict[str, Any], checkpoint: str, format_name: str,
               formats_cfg: dict[str, Any], scope: str, size: str, autoquant_cfg: dict[str, Any],
-              batch_size: int, seed: int):
+              batch_size: int, seed: int, batch_halvings: int = 0):
     """The CellSpec of one cell from the config (shared by the cell and its validation)."""
     from .autoquant import CellSpec
     from .families import get_family
@@ -172,6 +174,8 @@ def cell_spec(*, model_name: str, model_cfg: dict[str, Any], checkpoint: str, fo
         effective_bits=float(bits_by_format[format_name]),
         method=autoquant_cfg.get("method", "gradient"),
         batch_size=batch_size,
+        batch_halvings=batch_halvings,
+        gpu_memory_gib=autoquant_cfg.get("gpu_memory_gib"),
         device=autoquant_cfg.get("device", "auto"),
         seed=seed,
         gradient_checkpointing=bool(autoquant_cfg.get("gradient_checkpointing", True)),

@@ -31,6 +31,24 @@ QWEN_SPECIAL_TOKENS = (
 )
 
 VISION_PATTERNS = ("*visual*",)
+NO_CHECKPOINTING_MEMORY_FACTOR = 2.4
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """Peak GPU bytes of a cell's search phase: weights plus a cost per padded token and per image patch.
+
+    Measured per family on full-size checkpoints (bench/gpu_cell_bench.py, bench/RESULTS.md); the
+    score phase's peak grows linearly with a batch's padded tokens and its patches.
+    """
+
+    bytes_per_token: float
+    bytes_per_patch: float
+
+    def batch_bytes(self, samples: list[dict]) -> float:
+        padded = len(samples) * max(int(s["input_ids"].shape[0]) for s in samples)
+        patches = sum(int(s["pixel_values"].shape[0]) for s in samples if "pixel_values" in s)
+        return padded * self.bytes_per_token + patches * self.bytes_per_patch
 
 
 @dataclass(frozen=True)
@@ -45,9 +63,20 @@ class Family:
     full_vision: dict[str, Any]
     tiny_text: dict[str, Any]
     tiny_vision: dict[str, Any]
+    # Activation memory of an AutoQuantize search on the full-size model (bf16, gradient method,
+    # gradient checkpointing on), per padded text token and per image patch of a batch; measured
+    # with bench/gpu_cell_bench.py --memory-fit (bench/RESULTS.md). Used to size batches.
+    memory_bytes_per_token: float = 0.0
+    memory_bytes_per_patch: float = 0.0
     vision_patterns: tuple[str, ...] = VISION_PATTERNS
     tie_word_embeddings: bool = True
     extra_config: dict[str, Any] = field(default_factory=dict)
+
+    def memory_model(self, gradient_checkpointing: bool = True):
+        """The search's activation memory per token and patch (without checkpointing every block's
+        activations stay alive: measured about 2.4× at batch 8)."""
+        factor = 1.0 if gradient_checkpointing else NO_CHECKPOINTING_MEMORY_FACTOR
+        return MemoryModel(self.memory_bytes_per_token * factor, self.memory_bytes_per_patch * factor)
 
     def build_config(self, size: str, token_ids: dict[str, int] | None = None, vocab_size: int | None = None):
         """A transformers config of this family at ``size`` ('full' or 'tiny')."""
@@ -77,6 +106,8 @@ FAMILIES: dict[str, Family] = {
         config_class="Qwen2_5_VLConfig",
         image_factor=28,
         needs_mm_token_type_ids=False,
+        memory_bytes_per_token=0.7e6,
+        memory_bytes_per_patch=1.4e6,
         full_text=dict(
             vocab_size=151936,
             hidden_size=2048,
@@ -124,6 +155,8 @@ FAMILIES: dict[str, Family] = {
         config_class="Qwen3VLConfig",
         image_factor=32,
         needs_mm_token_type_ids=True,
+        memory_bytes_per_token=0.8e6,
+        memory_bytes_per_patch=1.2e6,
         full_text=dict(
             vocab_size=151936,
             hidden_size=2560,

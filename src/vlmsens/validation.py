@@ -249,8 +249,8 @@ def run_validation(
     layers = [g["layer"] for g in ranked]
     budget = float(manifest["search"]["effective_bits_target"])
 
-    model, calib_batches, device, dtype = load_cell_model(spec, calib_samples, clock)
-    eval_batches = device_batches(model, eval_samples, spec.batch_size, device, dtype)
+    model, calib_batches, device, dtype, plan = load_cell_model(spec, calib_samples, clock)
+    eval_batches = device_batches(model, eval_samples, plan["batch_size"], device, dtype)
     clock.enter("calibrate", f"{len(calib_samples)} calibration samples, as the cell")
     model, _, _, _ = search(model, spec, calib_batches, clock, num_score_steps=1)
     switch = RecipeSwitch(model, spec.formats, layers)
