@@ -314,6 +314,24 @@ def test_rope_positions_computed_once_equal_the_models_own(tiny_checkpoints, sub
     assert torch.equal(own, stored)
 
 
+def test_deferred_check_calibrators_keep_scores_and_selection(planted, subsets, demo_coco, monkeypatch):
+    """The cell's sync-free calibrators are installed on every quantizer and change no number."""
+    import vlmsens.calibration
+
+    family = "qwen3_vl"
+    samples = _encoded(planted[family], subsets["small"], demo_coco, "all-layers")
+    installed = []
+    real_install = vlmsens.calibration.install
+    monkeypatch.setattr(vlmsens.calibration, "install", lambda model: installed.append(real_install(model)))
+    both = {"fp8_or_int8": {"candidates": ["wfp8_afp8", "wint8_aint8"]}}
+    ours = _cell(planted[family], family, "fp8_or_int8", "all-layers", samples, formats=both)
+    monkeypatch.setattr(vlmsens.calibration, "install", lambda model: 0)
+    stock = _cell(planted[family], family, "fp8_or_int8", "all-layers", samples, formats=both)
+    assert sum(installed) > 100  # input and weight quantizers of every format's search copies
+    for a, b in zip(ours["groups"], stock["groups"], strict=True):
+        assert a["layer"] == b["layer"] and a["scores_raw"] == b["scores_raw"] and a["selected_format"] == b["selected_format"]
+
+
 def test_varlen_vision_attention_keeps_the_scores(planted, subsets, demo_coco):
     family = "qwen2_5_vl"  # windowed vision attention: many pieces per image
     samples = _encoded(planted[family], subsets["small"], demo_coco, "all-layers")

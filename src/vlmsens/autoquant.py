@@ -177,6 +177,8 @@ def load_cell_model(spec: CellSpec, samples: list[dict], clock: PhaseClock):
     model = load_model(spec.checkpoint, device, vision_attention=spec.vision_attention)
     plan = batch_plan(spec, model, samples, device)
     clock.progress(plan["reason"])
+    plan["resident_gib"] = round(_resident_bytes(model, device) / 2**30, 3)
+    plan["largest_batch"] = largest_batch_shape(samples, plan["batch_size"])
     batches = device_batches(model, samples, plan["batch_size"], device, dtype)
     if spec.scope == "all-layers" and "pixel_values" not in batches[0]:
         raise VlmsensError("scope all-layers needs image+caption samples, but the prepared samples are text-only")
@@ -216,6 +218,17 @@ def batch_plan(spec: CellSpec, model, samples: list[dict], device: str) -> dict[
             "predicted_peak_gib": round(predicted, 3), "halvings": spec.batch_halvings,
             "reason": f"batch size {size} (auto: predicted peak {predicted:.1f} GiB within {source}, "
                       f"{MEMORY_MARGIN_GIB:g} GiB kept free" + (f", budget halved {spec.batch_halvings}× after out-of-memory" if spec.batch_halvings else "") + ")"}
+
+
+def largest_batch_shape(samples: list[dict], batch_size: int) -> dict[str, int]:
+    """Padded tokens and patches of the batch with the most of both, as make_batches forms them (fits the memory model)."""
+    order = sorted(samples, key=lambda s: s["input_ids"].shape[0])
+    shapes = []
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        shapes.append({"padded_tokens": len(chunk) * max(int(s["input_ids"].shape[0]) for s in chunk),
+                       "patches": sum(int(s["pixel_values"].shape[0]) for s in chunk if "pixel_values" in s)})
+    return max(shapes, key=lambda d: (d["padded_tokens"] + d["patches"], d["patches"]))
 
 
 def _resident_bytes(model, device: str) -> float:
@@ -263,8 +276,13 @@ def search(model, spec: CellSpec, batches: list[dict], clock: PhaseClock, num_sc
     import modelopt.torch.quantization as mtq
     import torch
 
+    from .calibration import install as install_calibrators
+
     def forward_step(model, batch):
-        clock.enter("score" if torch.is_inference_mode_enabled() else "calibrate")
+        scoring = torch.is_inference_mode_enabled()
+        clock.enter("score" if scoring else "calibrate")
+        if not scoring:
+            install_calibrators(model)  # before the quantizers of each format first collect
         logits, _ = caption_logits(model, batch)
         return logits
 
