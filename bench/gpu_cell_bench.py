@@ -361,7 +361,21 @@ def run_one(args) -> None:
 
         # A/B of the cell's choice: keep cuDNN's SDPA backend although the cell switches it off.
         torch.backends.cuda.enable_cudnn_sdp = lambda enabled: None
-    if args.profile:
+    if args.sync_debug:
+        import warnings
+        from collections import Counter
+
+        import torch
+
+        # Every host read of a GPU value raises a warning at its Python call site: count them by site.
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = runner(args, samples)
+        torch.cuda.set_sync_debug_mode(0)
+        sites = Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+        result["host_syncs"] = {"total": sum(sites.values()), "sites": dict(sites.most_common(40))}
+    elif args.profile:
         import torch
         from torch.profiler import ProfilerActivity, profile
 
@@ -433,6 +447,7 @@ def main(argv=None) -> int:
                         help="ours: run vlmsens.validation on the cell afterwards (default settings), timed separately")
     parser.add_argument("--eval-samples", type=int, default=32, help="held-out samples of --validate")
     parser.add_argument("--profile", action="store_true", help="run the cells under torch.profiler (slower; op table next to each result)")
+    parser.add_argument("--sync-debug", action="store_true", help="count host syncs by Python call site (torch's sync debug mode)")
     parser.add_argument("--py-spy", action="store_true", help="sample each cell process with py-spy (Python frames, self and inclusive)")
     parser.add_argument("--cudnn-sdpa", choices=["on", "off"], default="off",
                         help="ours: keep cuDNN's SDPA backend on (A/B of the cell's default, off)")
@@ -465,6 +480,7 @@ def main(argv=None) -> int:
                *(["--gpu-memory-gib", str(args.gpu_memory_gib)] if args.gpu_memory_gib else []),
                "--eval-samples", str(args.eval_samples)] + (["--validate"] if args.validate and impl == "ours" else [])
         cmd += ["--profile"] if args.profile else []
+        cmd += ["--sync-debug"] if args.sync_debug else []
         cmd += ["--cudnn-sdpa", args.cudnn_sdpa]
         if args.py_spy:
             cmd = ["py-spy", "record", "--rate", "200", "--format", "raw", "--output", str(result_file.with_suffix(".pyspy.txt")), "--", *cmd]
