@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmsens.autoquant import MEMORY_MARGIN_GIB, CellSpec, batch_plan
+from vlmsens.autoquant import ALLOCATOR_OVERHEAD, MEMORY_MARGIN_GIB, CellSpec, batch_plan
 from vlmsens.batches import plan_batch_size
 from vlmsens.families import MemoryModel, get_family
 from vlmsens.formats import format_registry, resolve_format
@@ -71,7 +71,8 @@ def test_cell_batch_plan_with_a_fake_memory_cap_and_retries():
     static = sum(p.numel() * p.element_size() for p in net.parameters())
     cap_gib = 12.0
     first = batch_plan(_spec(batch_size=0, gpu_memory_gib=cap_gib), net, samples, "cpu")
-    expected, _ = plan_batch_size(samples, get_family("qwen2_5_vl").memory_model(), cap_gib * GIB - static - MEMORY_MARGIN_GIB * GIB)
+    budget = (cap_gib * GIB - static - MEMORY_MARGIN_GIB * GIB) / ALLOCATOR_OVERHEAD
+    expected, _ = plan_batch_size(samples, get_family("qwen2_5_vl").memory_model(), budget)
     assert first["policy"] == "auto" and first["batch_size"] == expected > 1
     assert first["predicted_peak_gib"] <= cap_gib - MEMORY_MARGIN_GIB
     retried = batch_plan(_spec(batch_size=0, gpu_memory_gib=cap_gib, batch_halvings=1), net, samples, "cpu")

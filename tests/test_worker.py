@@ -119,3 +119,17 @@ def test_disabled_by_environment_and_under_slurm():
     assert worker.enabled({})
     assert not worker.enabled({worker.ENABLE_ENV: "0"})
     assert not worker.enabled({"SLURM_JOB_ID": "42"})
+
+
+def test_a_server_that_cannot_start_is_not_tried_again_by_every_job(tmp_path, monkeypatch):
+    import worker_jobs
+
+    monkeypatch.setenv(worker.START_TIMEOUT_ENV, "0.5")  # far shorter than the server's imports
+    address = worker.address_for(tmp_path / "slow-results")
+    args = dict(log_path=str(tmp_path / "j.log"), prefix="t", threads=1)
+    with pytest.raises(worker.WorkerUnavailable, match="did not come up"):
+        worker.run_job(address, worker_jobs.report, {"out": str(tmp_path / "1.json")}, **args)
+    started = time.monotonic()
+    with pytest.raises(worker.WorkerUnavailable, match="failed to start before"):
+        worker.run_job(address, worker_jobs.report, {"out": str(tmp_path / "2.json")}, **args)
+    assert time.monotonic() - started < 5

@@ -271,6 +271,8 @@ def run_gpu_job(smk, prefix: str, func, **kwargs):
 
     # ModelOpt JIT-builds its CUDA extensions on first use; read at import, so set before torch loads.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.abspath(smk.params.extensions_cache))
+    # Large ragged batches fragment the caching allocator (a quarter of the peak on an H100, bench/RESULTS.md).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     open(smk.log[0], "w").close()
     # Appending: the worker's child writes to the same log while this process keeps it open.
     setup(smk.log[0], prefix, mode="a")

@@ -195,39 +195,54 @@ def ensure_server(address: str, expected: str, *, start_timeout: float | None = 
     if start_timeout is None:
         start_timeout = float(os.environ.get(START_TIMEOUT_ENV, DEFAULT_START_TIMEOUT_S))
     lock_path = address + ".lock"
+    failed_path = Path(address + ".failed")
     with open(lock_path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one job starts the server; the others wait for it here
+        if failed_path.is_file() and failed_path.read_text().split("\n", 1)[0] == expected:
+            raise WorkerUnavailable(f"a server for this code and settings failed to start before ({failed_path}: "
+                                    + failed_path.read_text().split("\n", 1)[-1].strip() + ")")
+        try:
+            _start_or_find(address, expected, start_timeout)
+        except WorkerUnavailable as err:
+            failed_path.write_text(f"{expected}\n{err}\n")  # later jobs of this code skip the attempt
+            raise
+
+
+def _start_or_find(address: str, expected: str, start_timeout: float) -> None:
+    answer = _ask(address, {"op": "ping"})
+    if answer is not None and answer.get("fingerprint") == expected:
+        return
+    if answer is not None:
+        log.info("worker: the running server was started for other code or settings; retiring it")
+        _ask(address, {"op": "retire"})
+        _wait_gone(address, timeout=30.0)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(address)
+    server_log = address.removesuffix(".sock") + ".log"
+    env = dict(os.environ)
+    # No GPU is visible to the server: ModelOpt's imports query the device when one is (a
+    # forked child could not use CUDA after that). Each child sees its job's GPU.
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    env["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # is_available() without initialising CUDA
+    with open(server_log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vlmsens.worker", "--address", address, "--fingerprint", expected],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+    log.info("worker: starting a server (pid %d, log %s): imports once for the jobs that follow", proc.pid, server_log)
+    started = time.monotonic()
+    while time.monotonic() - started < start_timeout:
+        if proc.poll() is not None:
+            raise WorkerUnavailable(f"the worker server exited with status {proc.returncode} while starting; see {server_log}")
         answer = _ask(address, {"op": "ping"})
-        if answer is not None and answer.get("fingerprint") == expected:
-            return
         if answer is not None:
-            log.info("worker: the running server was started for other code or settings; retiring it")
-            _ask(address, {"op": "retire"})
-            _wait_gone(address, timeout=30.0)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(address)
-        server_log = address.removesuffix(".sock") + ".log"
-        env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
-        env["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # is_available() without initialising CUDA
-        with open(server_log, "ab") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "vlmsens.worker", "--address", address, "--fingerprint", expected],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-            )
-        log.info("worker: starting a server (pid %d, log %s): imports once for the jobs that follow", proc.pid, server_log)
-        started = time.monotonic()
-        while time.monotonic() - started < start_timeout:
-            if proc.poll() is not None:
-                raise WorkerUnavailable(f"the worker server exited with status {proc.returncode} while starting; see {server_log}")
-            answer = _ask(address, {"op": "ping"})
-            if answer is not None:
-                if answer.get("fingerprint") != expected:
-                    raise WorkerUnavailable(f"the worker server came up with another fingerprint; see {server_log}")
-                log.info("worker: server ready after %.1f s", time.monotonic() - started)
-                return
-            time.sleep(0.2)
-        proc.kill()
-        raise WorkerUnavailable(f"the worker server did not come up within {start_timeout:.0f} s; see {server_log}")
+            if answer.get("fingerprint") != expected:
+                raise WorkerUnavailable(f"the worker server came up with another fingerprint; see {server_log}")
+            log.info("worker: server ready after %.1f s", time.monotonic() - started)
+            return
+        time.sleep(0.2)
+    proc.kill()
+    raise WorkerUnavailable(f"the worker server did not come up within {start_timeout:.0f} s; see {server_log}")
 
 
 def _wait_gone(address: str, timeout: float) -> None:
@@ -311,6 +326,8 @@ def _child(request: dict[str, Any]) -> int:
         print("worker: CUDA was touched before the fork; running the job in its own process instead", file=sys.stderr)
         return CANNOT_RUN_HERE
     torch.set_num_threads(request["threads"])
+    if torch.cuda.is_available():
+        _reload_gpu_kernels()
     try:
         run_logged(None, request["prefix"], _resolve(request["func"]), **request["kwargs"])
     except SystemExit as stop:
@@ -319,6 +336,16 @@ def _child(request: dict[str, Any]) -> int:
         traceback.print_exc()
         return 1
     return 0
+
+
+def _reload_gpu_kernels() -> None:
+    """Run the import-time GPU checks of ModelOpt's Triton kernels again, now that the job's GPU is
+    visible (the server imported them with no GPU visible, so they were left out)."""
+    import importlib
+
+    import modelopt.torch.kernels.quantization.gemm as gemm
+
+    importlib.reload(gemm)
 
 
 class _Handler(socketserver.StreamRequestHandler):
