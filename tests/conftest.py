@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+
+# Worker servers started by the tests' Snakemake runs exit soon after the last job, not 5 min later.
+os.environ.setdefault("VLMSENS_WORKER_IDLE_S", "20")
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
