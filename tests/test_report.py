@@ -12,6 +12,7 @@ import pytest
 
 from vlmsens import recipes as rc
 from vlmsens import report as rp
+from vlmsens.reports.recipes import write_cell_recipes
 
 # =============================================================================================
 # Rank statistics
@@ -408,7 +409,7 @@ def test_write_cell_recipes_without_state(tmp_path):
     budgets = [7.5, 8.25, 8.5, 9.0, 10.0]
     cfgs = [str(tmp_path / rc.budget_slug(b) / "modelopt_quant_cfg.json") for b in budgets]
     ignores = [str(tmp_path / rc.budget_slug(b) / "ignore.yaml") for b in budgets]
-    out = rc.write_cell_recipes(str(path), None, budgets, summary_json=str(tmp_path / "recipes.json"),
+    out = write_cell_recipes(str(path), None, budgets, summary_json=str(tmp_path / "recipes.json"),
                                 summary_md=str(tmp_path / "recipes.md"), summary_html=str(tmp_path / "recipes.html"),
                                 quant_cfgs=cfgs, ignores=ignores, progress=lambda _: None)
     assert [r["feasible"] for r in out] == [False, True, True, True, True]

@@ -191,7 +191,8 @@ def validate_cell(
     """Measure whether the cell's ranking predicts real damage; writes validation.json and .md."""
     from . import provenance
     from .batches import load_samples
-    from .validation import ValidationSettings, run_validation, validation_doc
+    from .reports.validate import validation_doc
+    from .validation import ValidationSettings, run_validation
 
     started = time.perf_counter()
     manifest = json.loads(Path(manifest_path).read_text())
