@@ -18,7 +18,7 @@ LAYERS = {
     "core": {"vlmsens", "errors", "io", "logs", "formats", "scopes", "families", "config", "provenance"},
     "data": {"calib", "batches", "models", "attention", "demo", "planting"},
     "compute": {"autoquant", "validation", "recipes"},
-    "presentation": {"render", "reports", "report"},
+    "presentation": {"render", "reports"},
     "jobs": {"cell", "cli", "gpupool"},
 }
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in LAYERS[layer]}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -491,3 +492,26 @@ def test_modelopt_recipe_agrees_with_the_milp_and_applies(toy_search):
         for g in manifest["groups"]:
             for module in g["modules"]:
                 assert enabled[module] == (recipe["selection"][g["layer"]] != "bf16"), (budget, module)
+
+
+# =============================================================================================
+# The registry of analyses: one name across module, rule and caption
+
+
+def test_every_analysis_is_its_own_module_with_a_caption_of_its_name():
+    from pathlib import Path
+
+    from vlmsens.reports.registry import analyses
+
+    registry = analyses()
+    assert {"report", "sensitivity_plot", "heatmap", "validation_report"} <= set(registry)
+    captions = {p.stem for p in (Path(__file__).resolve().parents[1] / "docs" / "report").glob("*.rst")}
+    # workflow.rst is the report's front page, recipes.rst the caption of rule recipes (per cell).
+    assert captions - {"workflow", "recipes"} == set(registry)
+    for name, analysis in registry.items():
+        assert analysis.write.__module__ == f"vlmsens.reports.{name}"
+        keys = [o.key for o in analysis.outputs]
+        assert len(keys) == len(set(keys)) and any(o.item for o in analysis.outputs), name
+        wildcards = {"global": set(), "model": {"model"}, "cell": {"model", "format", "scope", "size"}}[analysis.level]
+        for out in analysis.outputs:
+            assert set(re.findall(r"{(\w+)}", out.path)) == wildcards, f"{name}: {out.path}"

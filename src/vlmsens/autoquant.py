@@ -26,10 +26,10 @@ from .batches import IGNORE_INDEX
 from .errors import VlmsensError
 from .families import Family, block_index, sublayer_of, tower_of
 from .formats import FormatSpec
+from .scopes import get_scope
 
 log = logging.getLogger(__name__)
 
-SCOPES = ("lm-only", "all-layers")
 METHODS = ("gradient", "kl_div")
 NO_QUANT = "bf16"
 
@@ -52,8 +52,7 @@ class CellSpec:
     gradient_checkpointing: bool = True
 
     def validate(self) -> None:
-        if self.scope not in SCOPES:
-            raise VlmsensError(f"unknown scope {self.scope!r}; use one of {SCOPES}")
+        get_scope(self.scope)
         if self.method not in METHODS:
             raise VlmsensError(f"autoquant.method must be one of {METHODS}, got {self.method!r}")
         if not 0 < self.effective_bits <= 16:
@@ -164,8 +163,8 @@ def load_cell_model(spec: CellSpec, samples: list[dict], clock: PhaseClock):
     clock.enter("load", spec.checkpoint)
     model = load_model(spec.checkpoint, device, vision_attention=spec.vision_attention)
     batches = device_batches(model, samples, spec.batch_size, device, dtype)
-    if spec.scope == "all-layers" and "pixel_values" not in batches[0]:
-        raise VlmsensError("scope all-layers needs image+caption samples, but the prepared samples are text-only")
+    if get_scope(spec.scope).with_image and "pixel_values" not in batches[0]:
+        raise VlmsensError(f"scope {spec.scope} needs image+caption samples, but the prepared samples are text-only")
     return model, batches, device, dtype
 
 
@@ -198,7 +197,7 @@ def search(model, spec: CellSpec, batches: list[dict], clock: PhaseClock, num_sc
 
     constraints: dict[str, Any] = {"effective_bits": float(spec.effective_bits)}
     disabled = None
-    if spec.scope == "lm-only":
+    if not get_scope(spec.scope).searches_vision:
         disabled = list(spec.family.vision_patterns)
         constraints["cost"] = {"excluded_module_name_patterns": list(spec.family.vision_patterns)}
 
@@ -278,7 +277,7 @@ def run_autoquant(
                 "modules": modules,
                 "tower": tower_of(modules[0], spec.family.vision_patterns),
                 "block": block_index(modules[0]),
-                "sublayer": sublayer_of(layer, modules),
+                "sublayer": sublayer_of(layer, modules, spec.family.sublayer_rules),
                 "scores_raw": raw,
                 "scores_per_token": per_token,
                 "scores_modelopt_clipped": clipped,

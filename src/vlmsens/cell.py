@@ -11,6 +11,7 @@ from typing import Any
 
 from .errors import VlmsensError
 from .io import atomic_path, atomic_write_json, atomic_write_text
+from .scopes import get_scope
 
 log = logging.getLogger(__name__)
 
@@ -33,21 +34,21 @@ def prepare_samples(
     samples, db_meta = read_calib_db(calib_db)
     if not samples:
         raise VlmsensError(f"calibration DB {calib_db} holds no samples")
-    with_image = scope == "all-layers"
+    with_image = get_scope(scope).with_image
     if with_image and not coco_root:
-        raise VlmsensError("scope all-layers needs coco.root to read the images")
+        raise VlmsensError(f"scope {scope} needs coco.root to read the images")
     settings = PromptSettings(
         image_instruction=prompts["image_instruction"],
         text_instruction=prompts["text_instruction"],
         min_pixels=int(prompts["min_pixels"]),
         max_pixels=int(prompts["max_pixels"]),
     )
-    progress(f"preprocess: {len(samples)} samples, {'image+caption' if with_image else 'caption only'}")
+    progress(f"preprocess: {len(samples)} samples, {get_scope(scope).modality}")
     processor = load_processor(checkpoint)
     encoded = encode_samples(processor, samples, Path(coco_root) if coco_root else None, with_image, settings, progress)
     meta = {
         "scope": scope,
-        "modality": "image+caption" if with_image else "caption only",
+        "modality": get_scope(scope).modality,
         "num_samples": len(encoded),
         "calib_db": str(calib_db),
         "calib_meta": db_meta,

@@ -248,22 +248,13 @@ def _build_processor(family, tokenizer, min_pixels: int, max_pixels: int):
 
     size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
     patch = family.image_factor // 2
-    image_processor = transformers.Qwen2VLImageProcessorFast(
+    image_processor = getattr(transformers, family.image_processor_class)(
         size=size, patch_size=patch, temporal_patch_size=2, merge_size=2
     )
-    if family.name == "qwen2_5_vl":
-        video_processor = transformers.Qwen2VLVideoProcessor(
-            size=size, patch_size=patch, temporal_patch_size=2, merge_size=2
-        )
-        processor_cls = transformers.Qwen2_5_VLProcessor
-    elif family.name == "qwen3_vl":
-        video_processor = transformers.Qwen3VLVideoProcessor(
-            size=size, patch_size=patch, temporal_patch_size=2, merge_size=2
-        )
-        processor_cls = transformers.Qwen3VLProcessor
-    else:  # pragma: no cover - guarded by get_family
-        raise KeyError(family.name)
-    return processor_cls(
+    video_processor = getattr(transformers, family.video_processor_class)(
+        size=size, patch_size=patch, temporal_patch_size=2, merge_size=2
+    )
+    return getattr(transformers, family.processor_class)(
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=video_processor,

@@ -12,6 +12,7 @@ import pandas as pd
 
 from ..io import atomic_path
 from ..render import layer_rows
+from ..scopes import SCOPES as SCOPE_REGISTRY
 
 CELL_KEYS = ["model", "format", "scope", "size"]
 
@@ -19,7 +20,7 @@ CELL_KEYS = ["model", "format", "scope", "size"]
 TOWERS = ("vision", "text", "head")
 
 
-SCOPES = ("lm-only", "all-layers")
+SCOPES = tuple(SCOPE_REGISTRY)  # the registry's order: lm-only, then all-layers
 
 
 @dataclass
