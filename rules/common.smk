@@ -3,7 +3,7 @@ import os
 import re
 import sys
 
-from vlmsens.config import check_config, grid_cells, is_demo_coco, is_demo_model
+from vlmsens.config import Settings, check_config, grid_cells, is_demo_coco, is_demo_model
 from vlmsens.errors import VlmsensError
 from vlmsens.recipes import budget_slug
 from vlmsens.reports.registry import analyses
@@ -13,7 +13,8 @@ try:
 except VlmsensError as err:
     sys.exit(f"vlmsens: configuration error: {err}")
 
-OUT = config["outdir"].rstrip("/")
+SETTINGS = Settings.from_config(config)
+OUT = SETTINGS.outdir
 LOGS = f"{OUT}/logs"
 BENCH = f"{OUT}/benchmarks"
 CONDA_ENV = "../envs/vlmsens.yaml"
@@ -103,7 +104,7 @@ ALL_SCOPES = ", ".join(GRID["scopes"])
 ALL_SIZES = ", ".join(GRID["sizes"])
 ALL_CELLS = {"format": ALL_FORMATS, "scope": ALL_SCOPES, "size": ALL_SIZES}
 REPORTS = f"{OUT}/reports"
-BUDGETS = [float(b) for b in config["report"]["budgets"]]
+BUDGETS = list(SETTINGS.budgets)
 RECIPE_DIR = f"{OUT}/recipes/{{model}}/{{format}}/{{scope}}/{{size}}"
 FAMILIES_IN_GRID = sorted({config["models"][m]["family"] for m in GRID["models"]})
 
@@ -133,7 +134,7 @@ def model_recipe_summaries(wildcards):
 
 
 # --- Validation (rules/validate.smk) ----------------------------------------------------------
-VALIDATE = config["validation"]["enabled"]
+VALIDATE = SETTINGS.validate
 
 
 def model_validations(wildcards):

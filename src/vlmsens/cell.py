@@ -6,9 +6,11 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from .config import AutoquantSettings, ValidationSettings
 from .errors import VlmsensError
 from .io import atomic_path, atomic_write_json, atomic_write_text
 from .scopes import get_scope
@@ -159,9 +161,7 @@ def cell_spec(*, model_name: str, model_cfg: dict[str, Any], checkpoint: str, fo
     from .formats import format_registry, resolve_format
 
     formats = resolve_format(format_name, format_registry(formats_cfg))
-    bits_by_format = autoquant_cfg.get("effective_bits", {})
-    if format_name not in bits_by_format:
-        raise VlmsensError(f"autoquant.effective_bits has no target for format {format_name!r}; add one to the config")
+    settings = AutoquantSettings.from_config(autoquant_cfg)
     return CellSpec(
         model=model_name,
         family=get_family(model_cfg["family"]),
@@ -170,12 +170,12 @@ def cell_spec(*, model_name: str, model_cfg: dict[str, Any], checkpoint: str, fo
         formats=formats,
         scope=scope,
         size=size,
-        effective_bits=float(bits_by_format[format_name]),
-        method=autoquant_cfg.get("method", "gradient"),
+        effective_bits=settings.effective_bits_of(format_name),
+        method=settings.method,
         batch_size=batch_size,
-        device=autoquant_cfg.get("device", "auto"),
+        device=settings.device,
         seed=seed,
-        gradient_checkpointing=bool(autoquant_cfg.get("gradient_checkpointing", True)),
+        gradient_checkpointing=settings.gradient_checkpointing,
     )
 
 
@@ -193,14 +193,14 @@ def validate_cell(
     from . import provenance
     from .batches import load_samples
     from .reports.validate import validation_doc
-    from .validation import ValidationSettings, run_validation
+    from .validation import run_validation
 
     started = time.perf_counter()
     manifest = json.loads(Path(manifest_path).read_text())
-    spec = cell_spec(**cell)  # the cell's own keyword arguments (see run_cell)
-    # Calibrate exactly as the cell did: its own target, method and candidates.
-    spec.effective_bits = float(manifest["search"]["effective_bits_target"])
-    spec.method = manifest["search"]["method"]
+    # The cell's own keyword arguments (see run_cell); calibrate exactly as the cell did: its own
+    # target, method and candidates.
+    spec = replace(cell_spec(**cell), effective_bits=float(manifest["search"]["effective_bits_target"]),
+                   method=manifest["search"]["method"])
     if [f.name for f in spec.formats] != manifest["cell"]["candidates"]:
         raise VlmsensError(
             f"{manifest_path} was made with formats {manifest['cell']['candidates']}, the config now gives "

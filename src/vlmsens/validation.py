@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 from .autoquant import (
@@ -40,31 +40,13 @@ from .autoquant import (
     search,
 )
 from .batches import batch_stats
+from .config import ValidationSettings
 from .errors import VlmsensError
 from .recipes import bits_of, cost_model
 
 log = logging.getLogger(__name__)
 
 DAMAGE = "kl"  # the damage measure of ratios, correlations and the verdict
-
-
-@dataclass
-class ValidationSettings:
-    k_fractions: list[float] = field(default_factory=lambda: [0.05, 0.10, 0.25])
-    random_draws: int = 5
-    ablation_groups: int = 24
-    bootstrap_resamples: int = 1000
-    seed: int = 0
-
-    @classmethod
-    def from_config(cls, cfg: dict[str, Any], seed: int) -> ValidationSettings:
-        return cls(
-            k_fractions=[float(k) for k in cfg.get("k", [0.05, 0.10, 0.25])],
-            random_draws=int(cfg.get("random_draws", 5)),
-            ablation_groups=int(cfg.get("ablation_groups", 24)),
-            bootstrap_resamples=int(cfg.get("bootstrap_resamples", 1000)),
-            seed=int(seed),
-        )
 
 
 # --------------------------------------------------------------------------------------------
