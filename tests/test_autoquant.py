@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAMILIES, MAX_PIXELS, MIN_PIXELS
+from planting import plant_mlp_outlier, plant_robust, plant_vision_attn_outlier
 
 from vlmsens.autoquant import CellSpec, run_autoquant
 from vlmsens.batches import IGNORE_INDEX, PromptSettings, collate, encode_sample, encode_samples, make_batches
@@ -22,7 +23,6 @@ from vlmsens.cell import prepare_samples, rerender, run_cell
 from vlmsens.families import get_family
 from vlmsens.formats import format_registry, resolve_format
 from vlmsens.models import load_processor
-from vlmsens.planting import plant_mlp_outlier, plant_robust, plant_vision_attn_outlier
 
 SETTINGS = PromptSettings("Describe this image in one sentence.", "Write a one-sentence caption for an everyday scene.", MIN_PIXELS, MAX_PIXELS)
 PROMPTS = {

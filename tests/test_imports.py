@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "vlmsens"
 # Bottom to top (docs/DESIGN.md, "Layers"). A module may import its own layer or a lower one.
 LAYERS = {
     "core": {"vlmsens", "errors", "io", "logs", "formats", "scopes", "families", "config", "provenance"},
-    "data": {"calib", "batches", "models", "attention", "demo", "planting"},
+    "data": {"calib", "batches", "models", "attention", "demo"},
     "compute": {"autoquant", "validation", "recipes"},
     "presentation": {"render", "reports"},
     "jobs": {"cell", "cli", "gpupool"},

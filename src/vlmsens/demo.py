@@ -165,9 +165,10 @@ def build_demo_checkpoint(
 ) -> None:
     """Build and save a random-weight checkpoint of ``family_name`` that loads like a real one.
 
-    ``size="tiny"`` is the CPU demo. ``size="full"`` is the real architecture (DESIGN §5, with its
-    real vocabulary size) in bf16, for GPU runs of the whole workflow without downloaded weights;
-    its tokenizer is still the small demo one, whose ids all lie inside the real vocabulary.
+    ``size="tiny"`` is the CPU demo. ``size="full"`` is the real architecture (docs/DESIGN.md,
+    "Architectures", with its real vocabulary size) in bf16, for GPU runs of the whole workflow
+    without downloaded weights; its tokenizer is still the small demo one, whose ids all lie inside
+    the real vocabulary.
     ``device="cuda"`` draws the weights on the GPU (seconds instead of minutes for ``full``; the
     draws differ from the CPU ones, and DEMO_CHECKPOINT.json records where they were made).
     """
