@@ -22,10 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .batches import IGNORE_INDEX
+from .batches import IGNORE_INDEX, batch_stats, make_batches
 from .errors import VlmsensError
 from .families import Family, block_index, sublayer_of, tower_of
 from .formats import FormatSpec
+from .models import dtype_for, load_model, pick_device
 from .scopes import get_scope
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,6 @@ class CellSpec:
 @dataclass
 class PhaseClock:
     """Wall time per phase and a progress line at each phase change."""
-
     progress: Callable[[str], None]
     times: dict[str, float] = field(default_factory=dict)
     _phase: str | None = None
@@ -152,8 +152,6 @@ def load_cell_model(spec: CellSpec, samples: list[dict], clock: PhaseClock):
     """The cell's model on its device and its samples as device batches: (model, batches, device, dtype)."""
     import torch
 
-    from .models import dtype_for, load_model, pick_device
-
     spec.validate()
     device = pick_device(spec.device)
     dtype = dtype_for(device)
@@ -169,8 +167,6 @@ def load_cell_model(spec: CellSpec, samples: list[dict], clock: PhaseClock):
 
 
 def device_batches(model, samples: list[dict], batch_size: int, device: str, dtype) -> list[dict]:
-    from .batches import make_batches
-
     pad_id = model.config.text_config.pad_token_id
     return [_to_device(b, device, dtype) for b in make_batches(samples, batch_size, 0 if pad_id is None else pad_id)]
 
@@ -241,8 +237,6 @@ def run_autoquant(
     import torch
     from modelopt.torch.opt.utils import named_hparams
     from modelopt.torch.quantization.algorithms import QuantRecipe, QuantRecipeHparam
-
-    from .batches import batch_stats
 
     clock = PhaseClock(progress)
     model, batches, device, dtype = load_cell_model(spec, samples, clock)

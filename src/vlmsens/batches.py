@@ -18,6 +18,7 @@ from typing import Any
 
 from .calib import CalibSample
 from .errors import VlmsensError
+from .io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +152,6 @@ def batch_stats(batches: list[dict]) -> dict[str, int | float]:
 
 def save_samples(path: str | Path, samples: list[dict], meta: dict) -> None:
     import torch
-
-    from .io import atomic_path
 
     with atomic_path(path) as tmp:
         torch.save({"meta": meta, "samples": samples}, tmp)

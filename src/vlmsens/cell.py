@@ -10,10 +10,20 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from . import provenance
+from .autoquant import CellSpec, run_autoquant
+from .batches import PromptSettings, encode_samples, load_samples, save_samples
+from .calib import read_calib_db
 from .config import AutoquantSettings, ValidationSettings
 from .errors import VlmsensError
+from .families import get_family
+from .formats import format_bits, format_registry, resolve_format
 from .io import atomic_path, atomic_write_json, atomic_write_text
+from .models import load_processor
+from .render import sensitivity_json, sensitivity_markdown
+from .reports.validate import validation_doc
 from .scopes import get_scope
+from .validation import run_validation
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +39,6 @@ def prepare_samples(
     progress: Callable[[str], None] = log.info,
 ) -> dict[str, Any]:
     """Encode a calibration subset for one (model, scope): shared by every format's cell."""
-    from .batches import PromptSettings, encode_samples, save_samples
-    from .calib import read_calib_db
-    from .models import load_processor
-
     samples, db_meta = read_calib_db(calib_db)
     if not samples:
         raise VlmsensError(f"calibration DB {calib_db} holds no samples")
@@ -83,12 +89,6 @@ def run_cell(
 ) -> dict[str, Any]:
     """Run one AutoQuantize cell and write its four files (JSON, Markdown, manifest, state)."""
     import torch
-
-    from . import provenance
-    from .autoquant import run_autoquant
-    from .batches import load_samples
-    from .calib import read_calib_db
-    from .formats import format_bits
 
     started = time.perf_counter()
     spec = cell_spec(model_name=model_name, model_cfg=model_cfg, checkpoint=checkpoint, format_name=format_name,
@@ -156,10 +156,6 @@ def cell_spec(*, model_name: str, model_cfg: dict[str, Any], checkpoint: str, fo
               formats_cfg: dict[str, Any], scope: str, size: str, autoquant_cfg: dict[str, Any],
               batch_size: int, seed: int):
     """The CellSpec of one cell from the config (shared by the cell and its validation)."""
-    from .autoquant import CellSpec
-    from .families import get_family
-    from .formats import format_registry, resolve_format
-
     formats = resolve_format(format_name, format_registry(formats_cfg))
     settings = AutoquantSettings.from_config(autoquant_cfg)
     return CellSpec(
@@ -190,11 +186,6 @@ def validate_cell(
     **cell: Any,
 ) -> dict[str, Any]:
     """Measure whether the cell's ranking predicts real damage; writes validation.json and .md."""
-    from . import provenance
-    from .batches import load_samples
-    from .reports.validate import validation_doc
-    from .validation import run_validation
-
     started = time.perf_counter()
     manifest = json.loads(Path(manifest_path).read_text())
     # The cell's own keyword arguments (see run_cell); calibrate exactly as the cell did: its own
@@ -235,8 +226,6 @@ def validate_cell(
 
 def write_cell_reports(manifest: dict[str, Any], outputs: dict[str, str]) -> None:
     """JSON, Markdown and manifest, each written atomically; the manifest last."""
-    from .render import sensitivity_json, sensitivity_markdown
-
     atomic_write_json(outputs["json"], sensitivity_json(manifest))
     atomic_write_text(outputs["markdown"], sensitivity_markdown(manifest))
     atomic_write_json(outputs["manifest"], manifest)
@@ -244,8 +233,6 @@ def write_cell_reports(manifest: dict[str, Any], outputs: dict[str, str]) -> Non
 
 def rerender(manifest_path: str, json_out: str, markdown_out: str) -> None:
     """The report-only path: JSON and Markdown again from quant_manifest.json alone."""
-    from .render import sensitivity_json, sensitivity_markdown
-
     manifest = json.loads(Path(manifest_path).read_text())
     atomic_write_json(json_out, sensitivity_json(manifest))
     atomic_write_text(markdown_out, sensitivity_markdown(manifest))
