@@ -15,16 +15,14 @@ from ..render import layer_rows
 from ..scopes import SCOPES as SCOPE_REGISTRY
 
 CELL_KEYS = ["model", "format", "scope", "size"]
-
-
 TOWERS = ("vision", "text", "head")
-
-
 SCOPES = tuple(SCOPE_REGISTRY)  # the registry's order: lm-only, then all-layers
 
 
 @dataclass
 class Comparison:
+    """Two ways of scoring the same groups: agreement per pair, per-group rows, or why not applicable."""
+
     agreement: pd.DataFrame
     per_layer: pd.DataFrame
     reason: str | None = None
@@ -96,6 +94,7 @@ def scores_frame(manifests: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def model_layers(manifest_paths: list[str], model: str) -> pd.DataFrame:
+    """The layers frame of one model's cells."""
     layers = layers_frame(load_manifests(manifest_paths))
     return layers[layers["model"] == model].reset_index(drop=True)
 
@@ -108,6 +107,7 @@ def ordered(values: Iterable[str], order: Iterable[str] | None) -> list[str]:
 
 
 def order_key(scope_rank: dict[str, int], size_rank: dict[str, int]):
+    """A ``sort_values`` key that orders scopes and sizes by rank (the grid's order), other columns as they are."""
     def key(col: pd.Series) -> pd.Series:
         if col.name == "scope" and scope_rank:
             return col.map(scope_rank)

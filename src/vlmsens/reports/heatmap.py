@@ -13,13 +13,12 @@ from .plots import na_figure, pyplot, save
 from .registry import Analysis, Job, Output, register
 from .stats import log_floor
 
+# Row order of the heatmaps: (tower, sublayer); sublayers not listed follow alphabetically.
 SUBLAYER_ORDER = {
     "vision": ["patch_embed", "qkv", "proj", "gate_up", "down", "fc1", "fc2", "merger_fc1", "merger_fc2", "deepstack_fc1", "deepstack_fc2"],
     "text": ["qkv", "o", "gate_up", "down"],
     "head": ["lm_head"],
 }
-
-
 NO_BLOCK = "none"
 
 
