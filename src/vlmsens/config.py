@@ -142,7 +142,7 @@ def check_config(config: dict[str, Any], *, check_paths: bool = True) -> None:
     for model in grid["models"]:
         if model not in config["models"]:
             raise VlmsensError(f"grid.models names {model!r}, which is not a key of 'models' (known: {sorted(config['models'])})")
-    registry = format_registry(config.get("formats"))
+    registry = format_registry(config["formats"])
     for name, spec in registry.items():
         for candidate in spec.get("candidates", []):
             if candidate not in registry:
@@ -176,16 +176,16 @@ def check_config(config: dict[str, Any], *, check_paths: bool = True) -> None:
             raise VlmsensError(f"models.{model}.checkpoint: {checkpoint} is not a checkpoint folder (no config.json there)")
     coco = config["coco"]
     if "demo" not in coco:
-        root = coco.get("root")
+        root = coco["root"]
         if not root:
             raise VlmsensError("coco.root is not set: point it at a COCO 2017 folder (annotations/, train2017/, val2017/)")
         if not Path(root).is_dir():
             raise VlmsensError(f"coco.root: {root} does not exist; point it at a COCO 2017 folder")
         for split in sorted({coco["calib_split"], coco["eval_split"]}):
             ann = Path(root) / "annotations" / f"captions_{split}.json"
-            if not ann.is_file() and not coco.get("prebuilt_dir"):
+            if not ann.is_file() and not coco["prebuilt_dir"]:
                 raise VlmsensError(f"coco.root: {ann} not found; the COCO 2017 captions annotations are required")
-    if coco.get("prebuilt_dir"):
+    if coco["prebuilt_dir"]:
         folder = Path(coco["prebuilt_dir"])
         for size in grid["sizes"]:
             db = folder / f"coco2017_vlm_calib_{size}.db"
