@@ -2,7 +2,7 @@
 
 An analysis module calls :func:`register` with its name, its level (one job for the whole grid,
 per model, or per cell), what it reads, its outputs with their label in ``snakemake --report``,
-and a ``write(job)`` function. ``rules/report.smk`` turns every entry into a rule of the same
+the grid orders it needs, when the default target asks for it, and a ``write(job)`` function. ``rules/report.smk`` turns every entry into a rule of the same
 name, with the caption ``docs/report/<name>.rst`` and the one adapter script
 ``workflow/scripts/analysis.py``; a new plot is therefore one module and one caption file.
 """
