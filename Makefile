@@ -33,6 +33,7 @@ test-slurm: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_imports.py
 	$(SNAKEMAKE) $(DEMO) --lint
 
 dag: $(STAMP)

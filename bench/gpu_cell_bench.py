@@ -191,8 +191,9 @@ def run_validation_after(args, spec, formats, result: dict, samples: list[dict])
 
     import torch
 
+    from vlmsens.config import ValidationSettings
     from vlmsens.formats import format_bits
-    from vlmsens.validation import ValidationSettings, run_validation
+    from vlmsens.validation import run_validation
 
     gc.collect()
     if torch.cuda.is_available():
@@ -201,7 +202,7 @@ def run_validation_after(args, spec, formats, result: dict, samples: list[dict])
                 "search": result["search"], "groups": result["groups"]}
     held_out = synthetic_samples(args.family, args.size, args.eval_samples, args.scope, seed=1)
     start = time.perf_counter()
-    body = run_validation(spec, manifest, samples, held_out, ValidationSettings(),
+    body = run_validation(spec, manifest, samples, held_out, ValidationSettings.from_config({}, seed=0),
                           progress=lambda line: print(f"[validate] {line}", flush=True))
     return {"wall_s": time.perf_counter() - start, "phases_s": body["timings_s"], "peak_memory": body["peak_memory"],
             "eval_samples": args.eval_samples, "configurations_measured": body["eval"]["configurations_measured"],

@@ -1,4 +1,4 @@
-# Calibration and held-out evaluation subsets of COCO 2017 (DESIGN §3).
+# Calibration and held-out evaluation subsets of COCO 2017 (docs/DESIGN.md, "Data contracts").
 
 
 rule coco_subset:

@@ -1,17 +1,20 @@
 # Helpers, constraints, cell enumeration and input functions. Rules live in the other .smk files.
+import os
 import re
 import sys
 
-from vlmsens.config import check_config, grid_cells, is_demo_coco, is_demo_model
+from vlmsens.config import Settings, check_config, grid_cells, is_demo_coco, is_demo_model
 from vlmsens.errors import VlmsensError
 from vlmsens.recipes import budget_slug
+from vlmsens.reports.registry import analyses
 
 try:
     check_config(config)
 except VlmsensError as err:
     sys.exit(f"vlmsens: configuration error: {err}")
 
-OUT = config["outdir"].rstrip("/")
+SETTINGS = Settings.from_config(config)
+OUT = SETTINGS.outdir
 LOGS = f"{OUT}/logs"
 BENCH = f"{OUT}/benchmarks"
 CONDA_ENV = "../envs/vlmsens.yaml"
@@ -92,17 +95,22 @@ def checkpoint_of(wildcards):
 
 def batch_size_for_attempt(wildcards, attempt):
     """Each retry after a failure (e.g. CUDA out of memory) halves the batch; 0 means auto."""
-    size = config["autoquant"]["batch_size"]
-    return 0 if size == "auto" else max(1, size // 2 ** (attempt - 1))
+    size = SETTINGS.autoquant.batch_size
+    return 0 if size == 0 else max(1, size // 2 ** (attempt - 1))
 
 
 def batch_halvings_for_attempt(wildcards, attempt):
     """An auto-sized batch is halved inside the cell, once per retry."""
-    return attempt - 1 if config["autoquant"]["batch_size"] == "auto" else 0
+    return attempt - 1 if SETTINGS.autoquant.batch_size == 0 else 0
 
 
 # --- Reports and recipes (rules/report.smk) ---------------------------------------------------
-BUDGETS = [float(b) for b in config["report"]["budgets"]]
+ALL_FORMATS = ", ".join(GRID["formats"])
+ALL_SCOPES = ", ".join(GRID["scopes"])
+ALL_SIZES = ", ".join(GRID["sizes"])
+ALL_CELLS = {"format": ALL_FORMATS, "scope": ALL_SCOPES, "size": ALL_SIZES}
+REPORTS = f"{OUT}/reports"
+BUDGETS = list(SETTINGS.budgets)
 RECIPE_DIR = f"{OUT}/recipes/{{model}}/{{format}}/{{scope}}/{{size}}"
 FAMILIES_IN_GRID = sorted({config["models"][m]["family"] for m in GRID["models"]})
 
@@ -131,13 +139,8 @@ def model_recipe_summaries(wildcards):
     ]
 
 
-def cross_model_reports():
-    """The family comparison by relative depth: only when the grid holds two model families."""
-    return [rules.depth_profile.output.png] if len(FAMILIES_IN_GRID) >= 2 else []
-
-
 # --- Validation (rules/validate.smk) ----------------------------------------------------------
-VALIDATE = config["validation"]["enabled"]
+VALIDATE = SETTINGS.validate
 
 
 def model_validations(wildcards):
@@ -149,13 +152,74 @@ def model_validations(wildcards):
     ]
 
 
+def all_validations(wildcards):
+    """The validation.json of every cell."""
+    return per_cell(rules.validate.output.json)
+
+
 def validation_outputs():
-    """Validation targets of the default target: every cell's files, the summary, one plot per model."""
+    """Validation targets of the default target: every cell's files (the analyses come with the others)."""
     if not VALIDATE:
         return []
-    return (
-        per_cell(rules.validate.output.json)
-        + per_cell(rules.validate.output.markdown)
-        + [rules.validation_report.output.html]
-        + expand(rules.validation_plot.output.png, model=GRID["models"])
-    )
+    return per_cell(rules.validate.output.json) + per_cell(rules.validate.output.markdown)
+
+
+# --- Analyses of vlmsens.reports: one rule each (rules/report.smk) ---------------------------
+CELL_LABELS = {"format": "{format}", "scope": "{scope}", "size": "{size}"}
+WILDCARDS_OF_LEVEL = {"global": (), "model": ("model",), "cell": ("model", "format", "scope", "size")}
+GRID_ORDERS = {"size_order": list(GRID["sizes"]), "format_order": list(GRID["formats"])}
+
+
+def analysis_inputs(analysis):
+    """The files an analysis reads: every cell's, one model's cells', or one cell's."""
+    if analysis.level == "cell":
+        return rules.autoquant.output.manifest
+    per_model = analysis.level == "model"
+    return {
+        "manifests": model_manifests if per_model else all_manifests(),
+        "recipes": model_recipe_summaries,
+        "validations": model_validations if per_model else all_validations,
+    }[analysis.reads]
+
+
+def analysis_outputs(analysis):
+    """Output paths under reports/, wrapped in report() where the analysis labels them."""
+    labels = CELL_LABELS if analysis.level == "cell" else ALL_CELLS
+    outputs = {}
+    for out in analysis.outputs:
+        path = f"{REPORTS}/{out.path}"
+        if out.item is not None:
+            path = report(
+                path,
+                caption=f"../docs/report/{analysis.name}.rst",
+                category=analysis.category,
+                subcategory=analysis.subcategory,
+                labels={"item": out.item, **labels},
+            )
+        outputs[out.key] = path
+    return outputs
+
+
+def analysis_path(analysis, root, suffix):
+    """<root>/<name>[/{model}[/{format}/{scope}/{size}]]<suffix>: one log or benchmark file per job."""
+    wildcards = (f"{{{w}}}" for w in WILDCARDS_OF_LEVEL[analysis.level])
+    return f"{os.path.join(root, analysis.name, *wildcards)}{suffix}"
+
+
+ANALYSIS_ENABLED = {None: True, "validation": VALIDATE, "two_families": len(FAMILIES_IN_GRID) >= 2}
+
+
+def analysis_targets():
+    """Every output of every analysis the grid and config call for (rule all)."""
+    targets = []
+    for analysis in analyses().values():
+        if not ANALYSIS_ENABLED[analysis.requires]:
+            continue
+        for path in getattr(rules, analysis.name).output:
+            if analysis.level == "global":
+                targets.append(path)
+            elif analysis.level == "model":
+                targets += expand(path, model=GRID["models"])
+            else:
+                targets += per_cell(path)
+    return targets

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAMILIES, MAX_PIXELS, MIN_PIXELS
+from planting import plant_mlp_outlier, plant_robust, plant_vision_attn_outlier
 
 from vlmsens.autoquant import CellSpec, run_autoquant
 from vlmsens.batches import IGNORE_INDEX, PromptSettings, collate, encode_sample, encode_samples, make_batches
@@ -22,7 +23,6 @@ from vlmsens.cell import prepare_samples, rerender, run_cell
 from vlmsens.families import get_family
 from vlmsens.formats import format_registry, resolve_format
 from vlmsens.models import load_processor
-from vlmsens.planting import plant_mlp_outlier, plant_robust, plant_vision_attn_outlier
 
 SETTINGS = PromptSettings("Describe this image in one sentence.", "Write a one-sentence caption for an everyday scene.", MIN_PIXELS, MAX_PIXELS)
 PROMPTS = {
@@ -316,16 +316,17 @@ def test_rope_positions_computed_once_equal_the_models_own(tiny_checkpoints, sub
 
 def test_deferred_check_calibrators_keep_scores_and_selection(planted, subsets, demo_coco, monkeypatch):
     """The cell's sync-free calibrators are installed on every quantizer and change no number."""
+    import vlmsens.autoquant
     import vlmsens.calibration
 
     family = "qwen3_vl"
     samples = _encoded(planted[family], subsets["small"], demo_coco, "all-layers")
     installed = []
     real_install = vlmsens.calibration.install
-    monkeypatch.setattr(vlmsens.calibration, "install", lambda model: installed.append(real_install(model)))
+    monkeypatch.setattr(vlmsens.autoquant, "install_calibrators", lambda model: installed.append(real_install(model)))
     both = {"fp8_or_int8": {"candidates": ["wfp8_afp8", "wint8_aint8"]}}
     ours = _cell(planted[family], family, "fp8_or_int8", "all-layers", samples, formats=both)
-    monkeypatch.setattr(vlmsens.calibration, "install", lambda model: 0)
+    monkeypatch.setattr(vlmsens.autoquant, "install_calibrators", lambda model: 0)
     stock = _cell(planted[family], family, "fp8_or_int8", "all-layers", samples, formats=both)
     assert sum(installed) > 100  # input and weight quantizers of every format's search copies
     for a, b in zip(ours["groups"], stock["groups"], strict=True):

@@ -1,5 +1,5 @@
 """COCO calibration subsets (vlmsens.calib): validation, nesting, determinism, held-out disjointness,
-legacy DB import, atomic writes and provenance (DESIGN §3)."""
+legacy DB import, atomic writes and provenance (docs/DESIGN.md, "Data contracts")."""
 
 from __future__ import annotations
 

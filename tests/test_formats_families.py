@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from vlmsens.errors import VlmsensError
@@ -94,3 +96,46 @@ def test_full_size_configs_match_the_real_architectures(family):
 def test_unknown_family():
     with pytest.raises(KeyError, match="unknown model family"):
         get_family("llava")
+
+
+# ---------------------------------------------------------------------------------------------
+# The schema's enums are the registries' keys
+
+
+def _schema():
+    import yaml
+
+    return yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "schema.yaml").read_text())
+
+
+def test_schema_enums_equal_the_registries():
+    from vlmsens.autoquant import METHODS
+    from vlmsens.scopes import SCOPES
+
+    props = _schema()["properties"]
+    assert props["models"]["additionalProperties"]["properties"]["family"]["enum"] == list(FAMILIES)
+    assert props["grid"]["properties"]["scopes"]["items"]["enum"] == list(SCOPES)
+    assert props["autoquant"]["properties"]["method"]["enum"] == list(METHODS)
+
+
+def test_scopes_say_what_is_searched_and_what_the_samples_hold():
+    from vlmsens.scopes import get_scope
+
+    lm, everything = get_scope("lm-only"), get_scope("all-layers")
+    assert (lm.searches_vision, lm.with_image, lm.modality) == (False, False, "caption only")
+    assert (everything.searches_vision, everything.with_image, everything.modality) == (True, True, "image+caption")
+    with pytest.raises(VlmsensError, match="unknown scope 'vision-only'"):
+        get_scope("vision-only")
+
+
+def test_families_name_their_processor_classes():
+    transformers = pytest.importorskip("transformers")
+    for family in FAMILIES.values():
+        for cls in (family.processor_class, family.video_processor_class, family.image_processor_class, family.config_class):
+            assert hasattr(transformers, cls), f"{family.name}: transformers has no {cls}"
+
+
+def test_sublayer_rules_come_from_the_family():
+    rules = ((r"\.wo$", "out"),)
+    assert sublayer_of("model.layers.0.attn.wo", ["model.layers.0.attn.wo"], rules) == "out"
+    assert sublayer_of("model.layers.0.attn.wo", ["model.layers.0.attn.wo"]) == "wo"  # no Qwen rule matches

@@ -5,13 +5,19 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from vlmsens import recipes as rc
-from vlmsens import report as rp
+from vlmsens.reports import depth_profile as depth
+from vlmsens.reports import doc, frames, heatmap, recipe_summary, stats, towers
+from vlmsens.reports import format_comparison as fmt_cmp
+from vlmsens.reports import rank_stability as stability
+from vlmsens.reports import scope_comparison as scope_cmp
+from vlmsens.reports.recipes import write_cell_recipes
 
 # =============================================================================================
 # Rank statistics
@@ -19,54 +25,54 @@ from vlmsens import report as rp
 
 def test_kendall_and_spearman_identical_and_reversed():
     a = pd.Series([5.0, 4.0, 3.0, 2.0, 1.0], index=list("abcde"))
-    same = rp.rank_agreement(a, a * 10)  # any monotone transform is the same ranking
+    same = stats.rank_agreement(a, a * 10)  # any monotone transform is the same ranking
     assert same["kendall_tau"] == pytest.approx(1.0) and same["spearman"] == pytest.approx(1.0) and same["n"] == 5
-    reversed_ = rp.rank_agreement(a, pd.Series([1.0, 2.0, 3.0, 4.0, 5.0], index=list("abcde")))
+    reversed_ = stats.rank_agreement(a, pd.Series([1.0, 2.0, 3.0, 4.0, 5.0], index=list("abcde")))
     assert reversed_["kendall_tau"] == pytest.approx(-1.0) and reversed_["spearman"] == pytest.approx(-1.0)
 
 
 def test_rank_agreement_uses_the_common_index_and_is_nan_when_undefined():
     a = pd.Series([3.0, 2.0, 1.0], index=["x", "y", "z"])
     b = pd.Series([30.0, 20.0, 99.0], index=["x", "y", "w"])  # only x, y shared
-    assert rp.rank_agreement(a, b)["n"] == 2
-    assert rp.rank_agreement(a, b)["kendall_tau"] == pytest.approx(1.0)
-    assert math.isnan(rp.rank_agreement(a, pd.Series([1.0], index=["x"]))["kendall_tau"])
+    assert stats.rank_agreement(a, b)["n"] == 2
+    assert stats.rank_agreement(a, b)["kendall_tau"] == pytest.approx(1.0)
+    assert math.isnan(stats.rank_agreement(a, pd.Series([1.0], index=["x"]))["kendall_tau"])
     constant = pd.Series([1.0, 1.0, 1.0], index=["x", "y", "z"])
-    assert math.isnan(rp.rank_agreement(a, constant)["spearman"])
+    assert math.isnan(stats.rank_agreement(a, constant)["spearman"])
 
 
 def test_top_k_overlap_of_rankings():
     a = list("abcdefghij")
-    assert rp.top_k_overlap(a, a, 3) == 1.0
-    assert rp.top_k_overlap(a, a[::-1], 3) == 0.0
-    assert rp.top_k_overlap(list("abcd"), list("abxy"), 4) == 0.5  # {a, b} of 4
-    assert rp.top_k_overlap(list("abcd"), list("bade"), 2) == 1.0  # order inside the top-k does not matter
+    assert stats.top_k_overlap(a, a, 3) == 1.0
+    assert stats.top_k_overlap(a, a[::-1], 3) == 0.0
+    assert stats.top_k_overlap(list("abcd"), list("abxy"), 4) == 0.5  # {a, b} of 4
+    assert stats.top_k_overlap(list("abcd"), list("bade"), 2) == 1.0  # order inside the top-k does not matter
     # Short lists: k shrinks to the shorter list.
-    assert rp.top_k_overlap(list("abc"), list("cba"), 10) == 1.0
-    assert rp.top_k_overlap(list("ab"), list("abcdef"), 20) == 1.0
-    assert math.isnan(rp.top_k_overlap([], list("ab"), 5))
+    assert stats.top_k_overlap(list("abc"), list("cba"), 10) == 1.0
+    assert stats.top_k_overlap(list("ab"), list("abcdef"), 20) == 1.0
+    assert math.isnan(stats.top_k_overlap([], list("ab"), 5))
     with pytest.raises(ValueError):
-        rp.top_k_overlap(a, a, 0)
+        stats.top_k_overlap(a, a, 0)
 
 
 def test_top_k_overlap_of_scores_splits_ties():
     idx = list("abcd")
     a = pd.Series([4.0, 3.0, 2.0, 1.0], index=idx)
-    assert rp.top_k_overlap(a, a, 2) == 1.0
-    assert rp.top_k_overlap(a, -a, 2) == 0.0
+    assert stats.top_k_overlap(a, a, 2) == 1.0
+    assert stats.top_k_overlap(a, -a, 2) == 0.0
     # All tied: every layer is in the top-2 with probability 1/2 -> expected overlap = k/n (chance level).
     flat = pd.Series(1.0, index=idx)
-    assert rp.top_k_overlap(flat, flat, 2) == pytest.approx(0.5)
+    assert stats.top_k_overlap(flat, flat, 2) == pytest.approx(0.5)
     # In b, layer a is 1st and b, c tie for the 2nd slot.
     b = pd.Series([4.0, 2.0, 2.0, 1.0], index=idx)
     # a's top-2 = {a, b}; b's top-2 = a surely, b or c with 1/2 each -> (1 + 1/2) / 2
-    assert rp.top_k_overlap(a, b, 2) == pytest.approx(0.75)
+    assert stats.top_k_overlap(a, b, 2) == pytest.approx(0.75)
     # Only common layers count; k shrinks to their number.
     c = pd.Series([9.0, 8.0], index=["a", "z"])
-    assert rp.top_k_overlap(a, c, 10) == pytest.approx(1.0)  # one common layer, in both top-1
+    assert stats.top_k_overlap(a, c, 10) == pytest.approx(1.0)  # one common layer, in both top-1
     # NaN scores are dropped, not ranked: the layers compared are b, c, d, whose top-1 is b in both.
     d = pd.Series([np.nan, 3.0, 2.0, 1.0], index=idx)
-    assert rp.top_k_overlap(a, d, 1) == 1.0
+    assert stats.top_k_overlap(a, d, 1) == 1.0
 
 
 # =============================================================================================
@@ -101,7 +107,7 @@ def _ranked_cells(scores_by_size, model="m", fmt="f", scope="all-layers"):
 def test_rank_stability_known_answers():
     base = [float(x) for x in range(30, 0, -1)]  # 30 layers, strictly decreasing
     layers = _ranked_cells({"small": base, "medium": [x * 3 for x in base], "large": base[::-1]})
-    table = rp.rank_stability(layers, ["small", "medium", "large"]).set_index("sizes")
+    table = stability.rank_stability(layers, ["small", "medium", "large"]).set_index("sizes")
     assert list(table.index) == ["small↔medium", "small↔large", "medium↔large"]
     assert table.loc["small↔medium", "kendall_tau"] == pytest.approx(1.0)
     assert table.loc["small↔medium", "top10_overlap"] == 1.0 and table.loc["small↔medium", "top20_overlap"] == 1.0
@@ -114,8 +120,8 @@ def test_rank_stability_known_answers():
 
 def test_rank_stability_single_size_is_not_applicable():
     layers = _ranked_cells({"small": [3.0, 2.0, 1.0]})
-    assert rp.rank_stability(layers, ["small", "large"]).empty
-    doc = rp.rank_stability_doc("m", rp.rank_stability(layers, ["small"]), ["small"])
+    assert stability.rank_stability(layers, ["small", "large"]).empty
+    doc = stability.rank_stability_doc("m", stability.rank_stability(layers, ["small"]), ["small"])
     assert "Not applicable" in doc.to_markdown() and "single calibration size" in doc.to_markdown()
 
 
@@ -135,7 +141,7 @@ def test_format_comparison_log_ratio_and_disagreement_order():
     for layer in fp8:
         rows.append(("fp8", "all-layers", "large", layer, "fp8", fp8[layer]))
         rows.append(("int8", "all-layers", "large", layer, "int8", int8[layer]))
-    cmp_ = rp.format_comparison(_scores(rows), ["large"], ["fp8", "int8"])
+    cmp_ = fmt_cmp.format_comparison(_scores(rows), ["large"], ["fp8", "int8"])
     assert cmp_.reason is None
     per = cmp_.per_layer.set_index("layer")
     assert per.loc["a", "log10_ratio"] == pytest.approx(3.0)
@@ -145,7 +151,7 @@ def test_format_comparison_log_ratio_and_disagreement_order():
     row = cmp_.agreement.iloc[0]
     assert row["format_a"] == "fp8" and row["format_b"] == "int8" and row["n"] == 3
     assert row["share_b_higher"] == pytest.approx(1 / 3)
-    table = next(iter(rp.disagreement_table(cmp_.per_layer, ["large"]).values()))
+    table = next(iter(fmt_cmp.disagreement_table(cmp_.per_layer, ["large"]).values()))
     assert list(table["less sensitive"]) == ["fp8", "int8", "tie"]
 
 
@@ -153,11 +159,11 @@ def test_format_comparison_prefers_each_formats_own_cell_and_degrades_with_one_f
     # A candidate-set cell also scores fp8; the fp8 cell's own score wins.
     rows = [("fp8", "lm-only", "small", "a", "fp8", 1.0), ("fp8_or_int8", "lm-only", "small", "a", "fp8", 5.0),
             ("fp8_or_int8", "lm-only", "small", "a", "int8", 10.0)]
-    cmp_ = rp.format_comparison(_scores(rows), ["small"], ["fp8", "int8"])
+    cmp_ = fmt_cmp.format_comparison(_scores(rows), ["small"], ["fp8", "int8"])
     assert cmp_.per_layer.iloc[0]["score_a"] == 1.0 and cmp_.per_layer.iloc[0]["log10_ratio"] == pytest.approx(1.0)
-    single = rp.format_comparison(_scores([("fp8", "lm-only", "small", "a", "fp8", 1.0)]), ["small"], ["fp8"])
+    single = fmt_cmp.format_comparison(_scores([("fp8", "lm-only", "small", "a", "fp8", 1.0)]), ["small"], ["fp8"])
     assert single.reason and "single format" in single.reason and single.per_layer.empty
-    assert "Not applicable" in rp.format_comparison_doc("m", single, ["small"]).to_markdown()
+    assert "Not applicable" in fmt_cmp.format_comparison_doc("m", single, ["small"]).to_markdown()
 
 
 def test_scope_comparison_text_layers_only_and_not_applicable_with_one_scope():
@@ -166,12 +172,12 @@ def test_scope_comparison_text_layers_only_and_not_applicable_with_one_scope():
         for i, s in enumerate(scores):
             rows.append(("m", "f", scope, "large", f"layers.{i}.o_proj", "text", i, "o", s))
     rows.append(("m", "f", "all-layers", "large", "visual.blocks.0.attn.qkv", "vision", 0, "qkv", 9.0))
-    cmp_ = rp.scope_comparison(_layers(rows), ["large"])
+    cmp_ = scope_cmp.scope_comparison(_layers(rows), ["large"])
     assert cmp_.agreement.iloc[0]["kendall_tau"] == pytest.approx(-1.0) and cmp_.agreement.iloc[0]["n"] == 3
     assert "visual.blocks.0.attn.qkv" not in set(cmp_.per_layer["layer"])
     shift = cmp_.per_layer.set_index("layer")["rank_shift"]
     assert shift["layers.2.o_proj"] == 2 and shift["layers.0.o_proj"] == -2
-    only = rp.scope_comparison(_layers([r for r in rows if r[2] == "all-layers"]), ["large"])
+    only = scope_cmp.scope_comparison(_layers([r for r in rows if r[2] == "all-layers"]), ["large"])
     assert only.reason and "lm-only" in only.reason
 
 
@@ -182,7 +188,7 @@ def test_tower_summary_shares():
         ("m", "f", "all-layers", "s", "t0", "text", 0, "o", 6.0, True, 2.0),
         ("m", "f", "all-layers", "s", "h", "head", None, "lm_head", 2.0, False, 10.0),
     ]
-    summary = rp.tower_summary(_layers(rows)).set_index("tower")
+    summary = towers.tower_summary(_layers(rows)).set_index("tower")
     assert summary.loc["vision", "sensitivity_share"] == pytest.approx(0.2)
     assert summary.loc["text", "sensitivity_share"] == pytest.approx(0.6)
     assert summary.loc["vision", "cost_share"] == pytest.approx(0.4)
@@ -204,15 +210,15 @@ def test_heatmap_frame_rows_columns_sums_and_kept():
         ("m", "f", "all-layers", "s", "v10.qkv", "vision", 10, "qkv", 0.125),
         ("m", "f", "all-layers", "s", "v10.qkv.twin", "vision", 10, "qkv", 0.125),  # same row and column: summed
     ]
-    scores, kept = rp.heatmap_frame(_layers(rows))
+    scores, kept = heatmap.heatmap_frame(_layers(rows))
     assert list(scores.index) == [("vision", "qkv"), ("vision", "merger_fc1"), ("text", "qkv"), ("text", "o"),
                                   ("text", "down"), ("head", "lm_head")]
-    assert list(scores.columns) == ["0", "1", "10", rp.NO_BLOCK]
+    assert list(scores.columns) == ["0", "1", "10", heatmap.NO_BLOCK]
     assert scores.loc[("vision", "qkv"), "10"] == pytest.approx(0.25)
-    assert scores.loc[("head", "lm_head"), rp.NO_BLOCK] == 5.0
+    assert scores.loc[("head", "lm_head"), heatmap.NO_BLOCK] == 5.0
     assert math.isnan(scores.loc[("text", "down"), "0"])
     assert kept.loc[("text", "qkv"), "0"] and not kept.loc[("text", "o"), "0"] and not kept.loc[("text", "down"), "10"]
-    empty_scores, _ = rp.heatmap_frame(_layers(rows).iloc[0:0])
+    empty_scores, _ = heatmap.heatmap_frame(_layers(rows).iloc[0:0])
     assert empty_scores.empty
 
 
@@ -223,30 +229,30 @@ def test_depth_profile_needs_two_families_and_normalises_depth():
             rows.append((model, "f", "all-layers", "s", f"{model}.{block}", "text", block, "o", 1.0 if block == peak else 0.0,
                          False, 1.0, family))
     layers = _layers(rows)
-    profile, summary, reason = rp.depth_profile(layers, ["s"])
+    profile, summary, reason = depth.depth_profile(layers, ["s"])
     assert reason is None
     s = summary.set_index("model")
     assert s.loc["a", "peak_rel_depth"] == pytest.approx(3.5 / 4) and s.loc["a", "share_last_quarter"] == pytest.approx(1.0)
     assert s.loc["b", "centre_rel_depth"] == pytest.approx(0.25) and s.loc["b", "share_first_quarter"] == pytest.approx(1.0)
     assert profile.groupby("model")["share"].sum().to_dict() == pytest.approx({"a": 1.0, "b": 1.0})
-    _, _, reason = rp.depth_profile(layers[layers["model"] == "a"], ["s"])
+    _, _, reason = depth.depth_profile(layers[layers["model"] == "a"], ["s"])
     assert reason and "single model family" in reason
 
 
 def test_doc_renders_markdown_and_escaped_html():
-    doc = rp.Doc("T <1>").para("uses `code` & **bold**").table(pd.DataFrame({"x": [1.5], "y": ["<b>"]})).not_applicable("why")
-    md, html = doc.to_markdown(), doc.to_html()
+    page = doc.Doc("T <1>").para("uses `code` & **bold**").table(pd.DataFrame({"x": [1.5], "y": ["<b>"]})).not_applicable("why")
+    md, html = page.to_markdown(), page.to_html()
     assert md.startswith("# T <1>") and "| 1.5 | <b> |" in md and "**Not applicable:** why" in md
     assert "T &lt;1&gt;" in html and "<code>code</code>" in html and "&amp;" in html and "&lt;b&gt;" in html
     assert "<strong>bold</strong>" in html and "<table>" in html
 
 
 def test_plots_degrade_to_a_not_applicable_figure(tmp_path):
-    empty = rp.Comparison(pd.DataFrame(), pd.DataFrame(), "the grid scores a single format")
-    rp.plot_format_comparison(empty, "m", ["small"], tmp_path / "f.png")
-    rp.plot_scope_comparison(empty, "m", ["small"], tmp_path / "s.png")
-    rp.plot_rank_stability(pd.DataFrame(), "m", tmp_path / "r.png", "single size")
-    rp.plot_depth_profile(pd.DataFrame(), tmp_path / "d.png", "single family")
+    empty = frames.Comparison(pd.DataFrame(), pd.DataFrame(), "the grid scores a single format")
+    fmt_cmp.plot_format_comparison(empty, "m", ["small"], tmp_path / "f.png")
+    scope_cmp.plot_scope_comparison(empty, "m", ["small"], tmp_path / "s.png")
+    stability.plot_rank_stability(pd.DataFrame(), "m", tmp_path / "r.png", "single size")
+    depth.plot_depth_profile(pd.DataFrame(), tmp_path / "d.png", "single family")
     for name in ("f", "s", "r", "d"):
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -408,7 +414,7 @@ def test_write_cell_recipes_without_state(tmp_path):
     budgets = [7.5, 8.25, 8.5, 9.0, 10.0]
     cfgs = [str(tmp_path / rc.budget_slug(b) / "modelopt_quant_cfg.json") for b in budgets]
     ignores = [str(tmp_path / rc.budget_slug(b) / "ignore.yaml") for b in budgets]
-    out = rc.write_cell_recipes(str(path), None, budgets, summary_json=str(tmp_path / "recipes.json"),
+    out = write_cell_recipes(str(path), None, budgets, summary_json=str(tmp_path / "recipes.json"),
                                 summary_md=str(tmp_path / "recipes.md"), summary_html=str(tmp_path / "recipes.html"),
                                 quant_cfgs=cfgs, ignores=ignores, progress=lambda _: None)
     assert [r["feasible"] for r in out] == [False, True, True, True, True]
@@ -426,7 +432,7 @@ def test_write_cell_recipes_without_state(tmp_path):
     parsed = yaml.safe_load((tmp_path / "eb8.5" / "ignore.yaml").read_text())
     assert parsed["ignore"] == out[2]["ignore"]
     assert "INFEASIBLE" in (tmp_path / "recipes.md").read_text()
-    frame = rp.recipes_frame([tmp_path / "recipes.json"])
+    frame = recipe_summary.recipes_frame([tmp_path / "recipes.json"])
     assert len(frame) == 5 and frame["feasible"].sum() == 4
 
 
@@ -486,3 +492,26 @@ def test_modelopt_recipe_agrees_with_the_milp_and_applies(toy_search):
         for g in manifest["groups"]:
             for module in g["modules"]:
                 assert enabled[module] == (recipe["selection"][g["layer"]] != "bf16"), (budget, module)
+
+
+# =============================================================================================
+# The registry of analyses: one name across module, rule and caption
+
+
+def test_every_analysis_is_its_own_module_with_a_caption_of_its_name():
+    from pathlib import Path
+
+    from vlmsens.reports.registry import analyses
+
+    registry = analyses()
+    assert {"report", "sensitivity_plot", "heatmap", "validation_report"} <= set(registry)
+    captions = {p.stem for p in (Path(__file__).resolve().parents[1] / "docs" / "report").glob("*.rst")}
+    # workflow.rst is the report's front page, recipes.rst the caption of rule recipes (per cell).
+    assert captions - {"workflow", "recipes"} == set(registry)
+    for name, analysis in registry.items():
+        assert analysis.write.__module__ == f"vlmsens.reports.{name}"
+        keys = [o.key for o in analysis.outputs]
+        assert len(keys) == len(set(keys)) and any(o.item for o in analysis.outputs), name
+        wildcards = {"global": set(), "model": {"model"}, "cell": {"model", "format", "scope", "size"}}[analysis.level]
+        for out in analysis.outputs:
+            assert set(re.findall(r"{(\w+)}", out.path)) == wildcards, f"{name}: {out.path}"

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 from conftest import FAMILIES, MAX_PIXELS, MIN_PIXELS
+from planting import plant_mlp_outlier, plant_vision_attn_outlier
 
 from vlmsens.calib import build_eval_subset, build_subset
 from vlmsens.cell import prepare_samples, run_cell, validate_cell
 from vlmsens.errors import VlmsensError
 from vlmsens.models import load_processor
-from vlmsens.planting import plant_mlp_outlier, plant_vision_attn_outlier
 from vlmsens.validation import (
     k_of,
     random_recipe_same_budget,

@@ -22,14 +22,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .batches import IGNORE_INDEX
+from .batches import IGNORE_INDEX, batch_stats, make_batches, plan_batch_size
+from .calibration import install as install_calibrators
 from .errors import VlmsensError
 from .families import Family, block_index, sublayer_of, tower_of
 from .formats import FormatSpec
+from .models import dtype_for, load_model, pick_device
+from .scopes import get_scope
 
 log = logging.getLogger(__name__)
 
-SCOPES = ("lm-only", "all-layers")
 METHODS = ("gradient", "kl_div")
 NO_QUANT = "bf16"
 
@@ -56,8 +58,7 @@ class CellSpec:
     gradient_checkpointing: bool = True
 
     def validate(self) -> None:
-        if self.scope not in SCOPES:
-            raise VlmsensError(f"unknown scope {self.scope!r}; use one of {SCOPES}")
+        get_scope(self.scope)
         if self.method not in METHODS:
             raise VlmsensError(f"autoquant.method must be one of {METHODS}, got {self.method!r}")
         if self.batch_size < 0 or self.batch_halvings < 0:
@@ -69,7 +70,6 @@ class CellSpec:
 @dataclass
 class PhaseClock:
     """Wall time per phase and a progress line at each phase change."""
-
     progress: Callable[[str], None]
     times: dict[str, float] = field(default_factory=dict)
     _phase: str | None = None
@@ -162,8 +162,6 @@ def load_cell_model(spec: CellSpec, samples: list[dict], clock: PhaseClock):
     """
     import torch
 
-    from .models import dtype_for, load_model, pick_device
-
     spec.validate()
     device = pick_device(spec.device)
     dtype = dtype_for(device)
@@ -180,8 +178,8 @@ def load_cell_model(spec: CellSpec, samples: list[dict], clock: PhaseClock):
     plan["resident_gib"] = round(_resident_bytes(model, device) / 2**30, 3)
     plan["largest_batch"] = largest_batch_shape(samples, plan["batch_size"])
     batches = device_batches(model, samples, plan["batch_size"], device, dtype)
-    if spec.scope == "all-layers" and "pixel_values" not in batches[0]:
-        raise VlmsensError("scope all-layers needs image+caption samples, but the prepared samples are text-only")
+    if get_scope(spec.scope).with_image and "pixel_values" not in batches[0]:
+        raise VlmsensError(f"scope {spec.scope} needs image+caption samples, but the prepared samples are text-only")
     return model, batches, device, dtype, plan
 
 
@@ -195,8 +193,6 @@ CPU_AUTO_BATCH = 8
 
 def batch_plan(spec: CellSpec, model, samples: list[dict], device: str) -> dict[str, Any]:
     """The cell's batch size: the configured one, or the largest that the memory budget holds."""
-    from .batches import plan_batch_size
-
     halve = 2 ** spec.batch_halvings
     if spec.batch_size > 0:
         size = max(1, spec.batch_size // halve)
@@ -244,8 +240,6 @@ def _resident_bytes(model, device: str) -> float:
 
 
 def device_batches(model, samples: list[dict], batch_size: int, device: str, dtype) -> list[dict]:
-    from .batches import make_batches
-
     pad_id = model.config.text_config.pad_token_id
     batches = [_to_device(b, device, dtype) for b in make_batches(samples, batch_size, 0 if pad_id is None else pad_id)]
     for batch in batches:
@@ -279,8 +273,6 @@ def search(model, spec: CellSpec, batches: list[dict], clock: PhaseClock, num_sc
     import modelopt.torch.quantization as mtq
     import torch
 
-    from .calibration import install as install_calibrators
-
     def forward_step(model, batch):
         scoring = torch.is_inference_mode_enabled()
         clock.enter("score" if scoring else "calibrate")
@@ -298,7 +290,7 @@ def search(model, spec: CellSpec, batches: list[dict], clock: PhaseClock, num_sc
 
     constraints: dict[str, Any] = {"effective_bits": float(spec.effective_bits)}
     disabled = None
-    if spec.scope == "lm-only":
+    if not get_scope(spec.scope).searches_vision:
         disabled = list(spec.family.vision_patterns)
         constraints["cost"] = {"excluded_module_name_patterns": list(spec.family.vision_patterns)}
 
@@ -343,8 +335,6 @@ def run_autoquant(
     from modelopt.torch.opt.utils import named_hparams
     from modelopt.torch.quantization.algorithms import QuantRecipe, QuantRecipeHparam
 
-    from .batches import batch_stats
-
     clock = PhaseClock(progress)
     model, batches, device, dtype, plan = load_cell_model(spec, samples, clock)
     stats = batch_stats(batches)
@@ -378,7 +368,7 @@ def run_autoquant(
                 "modules": modules,
                 "tower": tower_of(modules[0], spec.family.vision_patterns),
                 "block": block_index(modules[0]),
-                "sublayer": sublayer_of(layer, modules),
+                "sublayer": sublayer_of(layer, modules, spec.family.sublayer_rules),
                 "scores_raw": raw,
                 "scores_per_token": per_token,
                 "scores_modelopt_clipped": clipped,

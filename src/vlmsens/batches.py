@@ -19,6 +19,7 @@ from typing import Any
 from .calib import CalibSample
 from .errors import VlmsensError
 from .families import MemoryModel
+from .io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +172,6 @@ def batch_stats(batches: list[dict]) -> dict[str, int | float]:
 
 def save_samples(path: str | Path, samples: list[dict], meta: dict) -> None:
     import torch
-
-    from .io import atomic_path
 
     with atomic_path(path) as tmp:
         torch.save({"meta": meta, "samples": samples}, tmp)

@@ -1,9 +1,9 @@
 """COCO 2017 calibration subsets: nested, seeded, validated, written atomically.
 
-Contract (DESIGN §3): one SQLite DB per size with the legacy ``vlm_calib_samples`` table plus a
-``meta`` table, and a captions text file with the same captions in the same order. Subsets of one
-config are nested (small ⊂ medium ⊂ large, prefix order); the held-out evaluation subset never
-shares an image with a calibration subset.
+Contract (docs/DESIGN.md, "Data contracts"): one SQLite DB per size with the legacy
+``vlm_calib_samples`` table plus a ``meta`` table, and a captions text file with the same captions
+in the same order. Subsets of one config are nested (small ⊂ medium ⊂ large, prefix order); the
+held-out evaluation subset never shares an image with a calibration subset.
 """
 
 from __future__ import annotations

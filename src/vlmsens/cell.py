@@ -6,11 +6,24 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from . import provenance
+from .autoquant import CellSpec, run_autoquant
+from .batches import PromptSettings, encode_samples, load_samples, save_samples
+from .calib import read_calib_db
+from .config import AutoquantSettings, ValidationSettings
 from .errors import VlmsensError
+from .families import get_family
+from .formats import format_bits, format_registry, resolve_format
 from .io import atomic_path, atomic_write_json, atomic_write_text
+from .models import load_processor
+from .render import sensitivity_json, sensitivity_markdown
+from .reports.validate import validation_doc
+from .scopes import get_scope
+from .validation import run_validation
 
 log = logging.getLogger(__name__)
 
@@ -26,28 +39,24 @@ def prepare_samples(
     progress: Callable[[str], None] = log.info,
 ) -> dict[str, Any]:
     """Encode a calibration subset for one (model, scope): shared by every format's cell."""
-    from .batches import PromptSettings, encode_samples, save_samples
-    from .calib import read_calib_db
-    from .models import load_processor
-
     samples, db_meta = read_calib_db(calib_db)
     if not samples:
         raise VlmsensError(f"calibration DB {calib_db} holds no samples")
-    with_image = scope == "all-layers"
+    with_image = get_scope(scope).with_image
     if with_image and not coco_root:
-        raise VlmsensError("scope all-layers needs coco.root to read the images")
+        raise VlmsensError(f"scope {scope} needs coco.root to read the images")
     settings = PromptSettings(
         image_instruction=prompts["image_instruction"],
         text_instruction=prompts["text_instruction"],
         min_pixels=int(prompts["min_pixels"]),
         max_pixels=int(prompts["max_pixels"]),
     )
-    progress(f"preprocess: {len(samples)} samples, {'image+caption' if with_image else 'caption only'}")
+    progress(f"preprocess: {len(samples)} samples, {get_scope(scope).modality}")
     processor = load_processor(checkpoint)
     encoded = encode_samples(processor, samples, Path(coco_root) if coco_root else None, with_image, settings, progress)
     meta = {
         "scope": scope,
-        "modality": "image+caption" if with_image else "caption only",
+        "modality": get_scope(scope).modality,
         "num_samples": len(encoded),
         "calib_db": str(calib_db),
         "calib_meta": db_meta,
@@ -81,12 +90,6 @@ def run_cell(
 ) -> dict[str, Any]:
     """Run one AutoQuantize cell and write its four files (JSON, Markdown, manifest, state)."""
     import torch
-
-    from . import provenance
-    from .autoquant import run_autoquant
-    from .batches import load_samples
-    from .calib import read_calib_db
-    from .formats import format_bits
 
     started = time.perf_counter()
     spec = cell_spec(model_name=model_name, model_cfg=model_cfg, checkpoint=checkpoint, format_name=format_name,
@@ -155,14 +158,8 @@ def cell_spec(*, model_name: str, model_cfg: dict[str, Any], checkpoint: str, fo
               formats_cfg: dict[str, Any], scope: str, size: str, autoquant_cfg: dict[str, Any],
               batch_size: int, seed: int, batch_halvings: int = 0):
     """The CellSpec of one cell from the config (shared by the cell and its validation)."""
-    from .autoquant import CellSpec
-    from .families import get_family
-    from .formats import format_registry, resolve_format
-
     formats = resolve_format(format_name, format_registry(formats_cfg))
-    bits_by_format = autoquant_cfg.get("effective_bits", {})
-    if format_name not in bits_by_format:
-        raise VlmsensError(f"autoquant.effective_bits has no target for format {format_name!r}; add one to the config")
+    settings = AutoquantSettings.from_config(autoquant_cfg)
     return CellSpec(
         model=model_name,
         family=get_family(model_cfg["family"]),
@@ -171,14 +168,14 @@ def cell_spec(*, model_name: str, model_cfg: dict[str, Any], checkpoint: str, fo
         formats=formats,
         scope=scope,
         size=size,
-        effective_bits=float(bits_by_format[format_name]),
-        method=autoquant_cfg.get("method", "gradient"),
+        effective_bits=settings.effective_bits_of(format_name),
+        method=settings.method,
         batch_size=batch_size,
         batch_halvings=batch_halvings,
-        gpu_memory_gib=autoquant_cfg.get("gpu_memory_gib"),
-        device=autoquant_cfg.get("device", "auto"),
+        gpu_memory_gib=settings.gpu_memory_gib,
+        device=settings.device,
         seed=seed,
-        gradient_checkpointing=bool(autoquant_cfg.get("gradient_checkpointing", True)),
+        gradient_checkpointing=settings.gradient_checkpointing,
     )
 
 
@@ -193,16 +190,12 @@ def validate_cell(
     **cell: Any,
 ) -> dict[str, Any]:
     """Measure whether the cell's ranking predicts real damage; writes validation.json and .md."""
-    from . import provenance
-    from .batches import load_samples
-    from .validation import ValidationSettings, run_validation, validation_doc
-
     started = time.perf_counter()
     manifest = json.loads(Path(manifest_path).read_text())
-    spec = cell_spec(**cell)  # the cell's own keyword arguments (see run_cell)
-    # Calibrate exactly as the cell did: its own target, method and candidates.
-    spec.effective_bits = float(manifest["search"]["effective_bits_target"])
-    spec.method = manifest["search"]["method"]
+    # The cell's own keyword arguments (see run_cell); calibrate exactly as the cell did: its own
+    # target, method and candidates.
+    spec = replace(cell_spec(**cell), effective_bits=float(manifest["search"]["effective_bits_target"]),
+                   method=manifest["search"]["method"])
     if [f.name for f in spec.formats] != manifest["cell"]["candidates"]:
         raise VlmsensError(
             f"{manifest_path} was made with formats {manifest['cell']['candidates']}, the config now gives "
@@ -237,8 +230,6 @@ def validate_cell(
 
 def write_cell_reports(manifest: dict[str, Any], outputs: dict[str, str]) -> None:
     """JSON, Markdown and manifest, each written atomically; the manifest last."""
-    from .render import sensitivity_json, sensitivity_markdown
-
     atomic_write_json(outputs["json"], sensitivity_json(manifest))
     atomic_write_text(outputs["markdown"], sensitivity_markdown(manifest))
     atomic_write_json(outputs["manifest"], manifest)
@@ -246,8 +237,6 @@ def write_cell_reports(manifest: dict[str, Any], outputs: dict[str, str]) -> Non
 
 def rerender(manifest_path: str, json_out: str, markdown_out: str) -> None:
     """The report-only path: JSON and Markdown again from quant_manifest.json alone."""
-    from .render import sensitivity_json, sensitivity_markdown
-
     manifest = json.loads(Path(manifest_path).read_text())
     atomic_write_json(json_out, sensitivity_json(manifest))
     atomic_write_text(markdown_out, sensitivity_markdown(manifest))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .cell import rerender as rerender_cell
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlmsens", description=__doc__)
@@ -13,11 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     rerender.add_argument("manifest", type=Path, nargs="+")
     args = parser.parse_args(argv)
     if args.command == "rerender":
-        from .cell import rerender as do_rerender
-
         for manifest in args.manifest:
             folder = manifest.parent
-            do_rerender(str(manifest), str(folder / "per-layer-sensitivity.json"), str(folder / "per-layer-sensitivity.md"))
+            rerender_cell(str(manifest), str(folder / "per-layer-sensitivity.json"), str(folder / "per-layer-sensitivity.md"))
             print(f"re-rendered {folder}")
     return 0
 

@@ -1,19 +1,120 @@
-"""Config checks the JSON schema cannot express, and the grid of cells.
+"""The validated config as settings, checks the JSON schema cannot express, and the grid of cells.
 
-The schema (config/schema.yaml) checks types, unknown keys and ranges; this module checks
-cross-references (grid entries that name a model, format or size that does not exist) and paths,
-so that a bad config fails before any job starts with a message that names the key.
+The schema (config/schema.yaml) checks types, unknown keys and ranges, and is the only place that
+holds defaults; this module checks cross-references (grid entries that name a model, format or
+size that does not exist) and paths, so that a bad config fails before any job starts with a
+message that names the key, and turns the config into frozen :class:`Settings` once.
+
+Jobs receive the config sections they depend on as rule params (so that a change reruns exactly
+the jobs it affects) and read them through the same dataclasses, whose ``from_config`` fills any
+key the section lacks from the schema's defaults.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import VlmsensError
 from .formats import format_registry
+
+SCHEMA = Path(__file__).resolve().parents[2] / "config" / "schema.yaml"
+
+
+@functools.cache
+def _schema() -> dict[str, Any]:
+    import yaml
+
+    if not SCHEMA.is_file():
+        raise VlmsensError(f"{SCHEMA} not found: vlmsens reads its config defaults from the repository's config/schema.yaml")
+    return yaml.safe_load(SCHEMA.read_text())
+
+
+def schema_defaults(section: str) -> dict[str, Any]:
+    """The schema's defaults of the top-level config ``section`` (keys without a default are absent)."""
+    properties = _schema()["properties"][section].get("properties", {})
+    return {key: prop["default"] for key, prop in properties.items() if "default" in prop}
+
+
+def _section(cfg: Mapping[str, Any] | None, section: str) -> dict[str, Any]:
+    return {**schema_defaults(section), **(cfg or {})}
+
+
+@dataclass(frozen=True)
+class AutoquantSettings:
+    method: str
+    effective_bits: Mapping[str, float]
+    batch_size: int  # 0: auto, sized by memory
+    gpu_memory_gib: float | None
+    device: str
+    gradient_checkpointing: bool
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | None) -> AutoquantSettings:
+        cfg = _section(cfg, "autoquant")
+        return cls(
+            method=str(cfg["method"]),
+            effective_bits={name: float(bits) for name, bits in cfg["effective_bits"].items()},
+            batch_size=0 if cfg["batch_size"] == "auto" else int(cfg["batch_size"]),
+            gpu_memory_gib=None if cfg["gpu_memory_gib"] is None else float(cfg["gpu_memory_gib"]),
+            device=str(cfg["device"]),
+            gradient_checkpointing=bool(cfg["gradient_checkpointing"]),
+        )
+
+    def effective_bits_of(self, format_name: str) -> float:
+        if format_name not in self.effective_bits:
+            raise VlmsensError(f"autoquant.effective_bits has no target for format {format_name!r}; add one to the config")
+        return self.effective_bits[format_name]
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    """How rule validate measures a ranking (recorded in validation.json as ``settings``)."""
+
+    k_fractions: tuple[float, ...]
+    random_draws: int
+    ablation_groups: int
+    bootstrap_resamples: int
+    seed: int
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | None, seed: int) -> ValidationSettings:
+        cfg = _section(cfg, "validation")
+        return cls(
+            k_fractions=tuple(float(k) for k in cfg["k"]),
+            random_draws=int(cfg["random_draws"]),
+            ablation_groups=int(cfg["ablation_groups"]),
+            bootstrap_resamples=int(cfg["bootstrap_resamples"]),
+            seed=int(seed),
+        )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole validated config, once: what the rules and the jobs read."""
+
+    outdir: str
+    seed: int
+    autoquant: AutoquantSettings
+    validation: ValidationSettings
+    validate: bool
+    budgets: tuple[float, ...]
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Settings:
+        seed = int(config["seed"])
+        return cls(
+            outdir=str(config["outdir"]).rstrip("/"),
+            seed=seed,
+            autoquant=AutoquantSettings.from_config(config["autoquant"]),
+            validation=ValidationSettings.from_config(config["validation"], seed),
+            validate=bool(_section(config["validation"], "validation")["enabled"]),
+            budgets=tuple(float(b) for b in _section(config["report"], "report")["budgets"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -43,7 +144,7 @@ def check_config(config: dict[str, Any], *, check_paths: bool = True) -> None:
     for model in grid["models"]:
         if model not in config["models"]:
             raise VlmsensError(f"grid.models names {model!r}, which is not a key of 'models' (known: {sorted(config['models'])})")
-    registry = format_registry(config.get("formats"))
+    registry = format_registry(config["formats"])
     for name, spec in registry.items():
         for candidate in spec.get("candidates", []):
             if candidate not in registry:
@@ -77,16 +178,16 @@ def check_config(config: dict[str, Any], *, check_paths: bool = True) -> None:
             raise VlmsensError(f"models.{model}.checkpoint: {checkpoint} is not a checkpoint folder (no config.json there)")
     coco = config["coco"]
     if "demo" not in coco:
-        root = coco.get("root")
+        root = coco["root"]
         if not root:
             raise VlmsensError("coco.root is not set: point it at a COCO 2017 folder (annotations/, train2017/, val2017/)")
         if not Path(root).is_dir():
             raise VlmsensError(f"coco.root: {root} does not exist; point it at a COCO 2017 folder")
         for split in sorted({coco["calib_split"], coco["eval_split"]}):
             ann = Path(root) / "annotations" / f"captions_{split}.json"
-            if not ann.is_file() and not coco.get("prebuilt_dir"):
+            if not ann.is_file() and not coco["prebuilt_dir"]:
                 raise VlmsensError(f"coco.root: {ann} not found; the COCO 2017 captions annotations are required")
-    if coco.get("prebuilt_dir"):
+    if coco["prebuilt_dir"]:
         folder = Path(coco["prebuilt_dir"])
         for size in grid["sizes"]:
             db = folder / f"coco2017_vlm_calib_{size}.db"

@@ -165,9 +165,10 @@ def build_demo_checkpoint(
 ) -> None:
     """Build and save a random-weight checkpoint of ``family_name`` that loads like a real one.
 
-    ``size="tiny"`` is the CPU demo. ``size="full"`` is the real architecture (DESIGN §5, with its
-    real vocabulary size) in bf16, for GPU runs of the whole workflow without downloaded weights;
-    its tokenizer is still the small demo one, whose ids all lie inside the real vocabulary.
+    ``size="tiny"`` is the CPU demo. ``size="full"`` is the real architecture (docs/DESIGN.md,
+    "Architectures", with its real vocabulary size) in bf16, for GPU runs of the whole workflow
+    without downloaded weights; its tokenizer is still the small demo one, whose ids all lie inside
+    the real vocabulary.
     ``device="cuda"`` draws the weights on the GPU (seconds instead of minutes for ``full``; the
     draws differ from the CPU ones, and DEMO_CHECKPOINT.json records where they were made).
     """
@@ -248,22 +249,13 @@ def _build_processor(family, tokenizer, min_pixels: int, max_pixels: int):
 
     size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
     patch = family.image_factor // 2
-    image_processor = transformers.Qwen2VLImageProcessorFast(
+    image_processor = getattr(transformers, family.image_processor_class)(
         size=size, patch_size=patch, temporal_patch_size=2, merge_size=2
     )
-    if family.name == "qwen2_5_vl":
-        video_processor = transformers.Qwen2VLVideoProcessor(
-            size=size, patch_size=patch, temporal_patch_size=2, merge_size=2
-        )
-        processor_cls = transformers.Qwen2_5_VLProcessor
-    elif family.name == "qwen3_vl":
-        video_processor = transformers.Qwen3VLVideoProcessor(
-            size=size, patch_size=patch, temporal_patch_size=2, merge_size=2
-        )
-        processor_cls = transformers.Qwen3VLProcessor
-    else:  # pragma: no cover - guarded by get_family
-        raise KeyError(family.name)
-    return processor_cls(
+    video_processor = getattr(transformers, family.video_processor_class)(
+        size=size, patch_size=patch, temporal_patch_size=2, merge_size=2
+    )
+    return getattr(transformers, family.processor_class)(
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=video_processor,

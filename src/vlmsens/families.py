@@ -1,7 +1,9 @@
 """Qwen-VL model families: what differs between them, in one place.
 
-Adding a family is one more ``Family`` entry in ``FAMILIES``: its transformers config class,
-the full-size architecture (for benchmarks) and a scaled-down one (for the demo and tests).
+Adding a family is one more ``Family`` entry in ``FAMILIES`` (and its name in the schema's enum,
+which a test keeps equal to this registry): its transformers config and processor classes, how
+its module names map to towers and sublayers, the full-size architecture (for benchmarks) and a
+scaled-down one (for the demo and tests).
 Everything else (loading, batching, scoring, reports) is family-agnostic.
 """
 
@@ -12,7 +14,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-# Token ids of the real Qwen-VL tokenizers (DESIGN §5); tiny demo tokenizers use their own ids.
+# Special tokens of the real Qwen-VL tokenizers (ids in docs/DESIGN.md, "Architectures"); tiny demo
+# tokenizers get the same tokens with their own ids.
 QWEN_SPECIAL_TOKENS = (
     "<|endoftext|>",
     "<|im_start|>",
@@ -50,6 +53,24 @@ class MemoryModel:
         patches = sum(int(s["pixel_values"].shape[0]) for s in samples if "pixel_values" in s)
         return padded * self.bytes_per_token + patches * self.bytes_per_patch
 
+# Sublayer type of a group from its module names, first match wins (the Qwen-VL naming).
+QWEN_SUBLAYER_RULES = (
+    (r"deepstack_merger_list\.\d+\.linear_fc1$", "deepstack_fc1"),
+    (r"deepstack_merger_list\.\d+\.linear_fc2$", "deepstack_fc2"),
+    (r"merger\.(mlp\.0|linear_fc1)$", "merger_fc1"),
+    (r"merger\.(mlp\.2|linear_fc2)$", "merger_fc2"),
+    (r"patch_embed\.proj$", "patch_embed"),
+    (r"attn\.qkv$", "qkv"),
+    (r"attn\.proj$", "proj"),
+    (r"mlp\.linear_fc1$", "fc1"),
+    (r"mlp\.linear_fc2$", "fc2"),
+    (r"\.(q_proj|k_proj|v_proj)$", "qkv"),
+    (r"\.o_proj$", "o"),
+    (r"\.(gate_proj|up_proj)$", "gate_up"),
+    (r"\.down_proj$", "down"),
+    (r"lm_head$", "lm_head"),
+)
+
 
 @dataclass(frozen=True)
 class Family:
@@ -63,12 +84,17 @@ class Family:
     full_vision: dict[str, Any]
     tiny_text: dict[str, Any]
     tiny_vision: dict[str, Any]
+    # transformers classes save_pretrained / AutoProcessor use for the demo checkpoints' processor.
+    processor_class: str
+    video_processor_class: str
+    image_processor_class: str = "Qwen2VLImageProcessorFast"
     # Activation memory of an AutoQuantize search on the full-size model (bf16, gradient method,
     # gradient checkpointing on), per padded text token and per image patch of a batch; measured
     # with bench/gpu_cell_bench.py --memory-fit (bench/RESULTS.md). Used to size batches.
     memory_bytes_per_token: float = 0.0
     memory_bytes_per_patch: float = 0.0
     vision_patterns: tuple[str, ...] = VISION_PATTERNS
+    sublayer_rules: tuple[tuple[str, str], ...] = QWEN_SUBLAYER_RULES
     tie_word_embeddings: bool = True
     extra_config: dict[str, Any] = field(default_factory=dict)
 
@@ -106,6 +132,8 @@ FAMILIES: dict[str, Family] = {
         config_class="Qwen2_5_VLConfig",
         image_factor=28,
         needs_mm_token_type_ids=False,
+        processor_class="Qwen2_5_VLProcessor",
+        video_processor_class="Qwen2VLVideoProcessor",
         memory_bytes_per_token=2.47e6,
         memory_bytes_per_patch=0.95e6,
         full_text=dict(
@@ -155,6 +183,8 @@ FAMILIES: dict[str, Family] = {
         config_class="Qwen3VLConfig",
         image_factor=32,
         needs_mm_token_type_ids=True,
+        processor_class="Qwen3VLProcessor",
+        video_processor_class="Qwen3VLVideoProcessor",
         memory_bytes_per_token=2.67e6,
         memory_bytes_per_patch=0.54e6,
         full_text=dict(
@@ -238,28 +268,10 @@ def block_index(module_name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-_SUBLAYER_RULES = (
-    (r"deepstack_merger_list\.\d+\.linear_fc1$", "deepstack_fc1"),
-    (r"deepstack_merger_list\.\d+\.linear_fc2$", "deepstack_fc2"),
-    (r"merger\.(mlp\.0|linear_fc1)$", "merger_fc1"),
-    (r"merger\.(mlp\.2|linear_fc2)$", "merger_fc2"),
-    (r"patch_embed\.proj$", "patch_embed"),
-    (r"attn\.qkv$", "qkv"),
-    (r"attn\.proj$", "proj"),
-    (r"mlp\.linear_fc1$", "fc1"),
-    (r"mlp\.linear_fc2$", "fc2"),
-    (r"\.(q_proj|k_proj|v_proj)$", "qkv"),
-    (r"\.o_proj$", "o"),
-    (r"\.(gate_proj|up_proj)$", "gate_up"),
-    (r"\.down_proj$", "down"),
-    (r"lm_head$", "lm_head"),
-)
-
-
-def sublayer_of(group_name: str, module_names: list[str]) -> str:
-    """Sublayer type of a group (qkv, o, gate_up, down, fc1, merger_fc1, ...)."""
+def sublayer_of(group_name: str, module_names: list[str], rules: tuple[tuple[str, str], ...] = QWEN_SUBLAYER_RULES) -> str:
+    """Sublayer type of a group (qkv, o, gate_up, down, fc1, merger_fc1, ...) by the family's ``rules``."""
     for name in [group_name, *module_names]:
-        for pattern, label in _SUBLAYER_RULES:
+        for pattern, label in rules:
             if re.search(pattern, name):
                 return label
     return group_name.rsplit(".", 1)[-1]

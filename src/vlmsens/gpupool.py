@@ -39,7 +39,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import worker
 from .errors import VlmsensError
+from .logs import run_logged, setup
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,6 @@ class GpuSlotTimeout(VlmsensError):
 @dataclass(frozen=True)
 class Slot:
     """What :func:`gpu_slot` gave the job."""
-
     device: str | None
     """The CUDA_VISIBLE_DEVICES value the job runs with; None when nothing was pinned."""
     mode: str
@@ -266,8 +267,6 @@ def run_gpu_job(smk, prefix: str, func, **kwargs):
     ``smk`` is the script's ``snakemake`` object; its rule declares ``params.extensions_cache`` (one
     ModelOpt extension cache for every job, so only the first builds) and ``params.gpu_locks``.
     """
-    from . import worker
-    from .logs import run_logged, setup
 
     # ModelOpt JIT-builds its CUDA extensions on first use; read at import, so set before torch loads.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.abspath(smk.params.extensions_cache))

@@ -6,6 +6,8 @@ import logging
 import sys
 import warnings
 
+from .errors import VlmsensError
+
 
 def setup(log_path: str | None, prefix: str = "", mode: str = "w") -> logging.Logger:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
@@ -24,7 +26,6 @@ def run_logged(log_path: str | None, prefix: str, func, *args, log_mode: str = "
 
     ``log_mode="a"`` continues a log the script already started (e.g. with the GPU slot it took).
     """
-    from .errors import VlmsensError
 
     logger = setup(log_path, prefix, mode=log_mode)
     try:

@@ -24,34 +24,29 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
-from .autoquant import NO_QUANT, CellSpec, PhaseClock
+from .autoquant import (
+    NO_QUANT,
+    CellSpec,
+    PhaseClock,
+    _device_info,
+    _peak_memory,
+    caption_logits,
+    device_batches,
+    load_cell_model,
+    recipes_by_name,
+    search,
+)
+from .batches import batch_stats
+from .config import ValidationSettings
 from .errors import VlmsensError
+from .recipes import bits_of, cost_model
 
 log = logging.getLogger(__name__)
 
 DAMAGE = "kl"  # the damage measure of ratios, correlations and the verdict
-
-
-@dataclass
-class ValidationSettings:
-    k_fractions: list[float] = field(default_factory=lambda: [0.05, 0.10, 0.25])
-    random_draws: int = 5
-    ablation_groups: int = 24
-    bootstrap_resamples: int = 1000
-    seed: int = 0
-
-    @classmethod
-    def from_config(cls, cfg: dict[str, Any], seed: int) -> ValidationSettings:
-        return cls(
-            k_fractions=[float(k) for k in cfg.get("k", [0.05, 0.10, 0.25])],
-            random_draws=int(cfg.get("random_draws", 5)),
-            ablation_groups=int(cfg.get("ablation_groups", 24)),
-            bootstrap_resamples=int(cfg.get("bootstrap_resamples", 1000)),
-            seed=int(seed),
-        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,8 +84,6 @@ def uniform_selection(groups: list[dict[str, Any]], fmt: str, quantized: set[str
 
 def random_recipe_same_budget(manifest: dict[str, Any], fmt: str, budget_bits: float, rng) -> dict[str, str]:
     """Groups in random order turned to ``fmt`` until the recipe meets ``budget_bits`` (as the solver's must)."""
-    from .recipes import bits_of, cost_model
-
     model = cost_model(manifest)
     groups = manifest["groups"]
     selection = uniform_selection(groups, fmt, set())
@@ -164,8 +157,6 @@ class RecipeSwitch:
         from modelopt.torch.opt.utils import named_hparams
         from modelopt.torch.quantization.algorithms import QuantRecipeHparam
 
-        from .autoquant import recipes_by_name
-
         self.recipes = recipes_by_name(formats)
         hparams = {name.removesuffix(".quant_recipe"): hp for name, hp in named_hparams(model, unique=True)
                    if isinstance(hp, QuantRecipeHparam)}
@@ -191,8 +182,6 @@ class Evaluator:
 
     def _forward(self):
         import torch
-
-        from .autoquant import caption_logits
 
         with torch.inference_mode():
             for batch in self.batches:
@@ -235,10 +224,6 @@ def run_validation(
 ) -> dict[str, Any]:
     """Measure the cell's ranking on held-out samples; returns the body of validation.json."""
     import numpy as np
-
-    from .autoquant import _device_info, _peak_memory, device_batches, load_cell_model, search
-    from .batches import batch_stats
-    from .recipes import bits_of
 
     clock = PhaseClock(progress)
     groups = manifest["groups"]
@@ -341,74 +326,3 @@ def run_validation(
     result["verdict"] = verdict(result)
     progress(result["verdict"])
     return result
-
-
-# --------------------------------------------------------------------------------------------
-# validation.md
-
-
-def _fmt(value: float | None, spec: str = ".4g") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return format(value, spec)
-
-
-def validation_doc(doc: dict[str, Any]):
-    """The per-cell page (validation.md) from validation.json alone."""
-    import pandas as pd
-
-    from .report import Doc
-
-    cell = doc["cell"]
-    page = Doc(f"Validation of {cell['model']} / {cell['format']} / {cell['scope']} / {cell['size']}")
-    page.para(f"**Verdict:** {doc['verdict']}.")
-    ev = doc["eval"]
-    page.para(
-        f"Held-out evaluation subset: {ev['samples']} samples, {ev['loss_tokens']} caption tokens "
-        f"(disjoint from calibration); BF16 caption loss {ev['bf16_loss']:.4f} nats/token. "
-        f"Groups ranked by their `{doc['ranking_format']}` score ({doc['n_groups']} groups). Damage = "
-        f"{doc['damage_measure']}; loss increase = caption loss of the quantized model minus BF16's. "
-        f"{ev['configurations_measured']} quantized configurations measured."
-    )
-    page.heading("Top-k vs bottom-k vs random-k")
-    rows = []
-    for row in doc["top_k"]:
-        rows.append({
-            "k": f"{row['fraction']:.0%} ({row['k']})",
-            "KL top-k": row["top"]["kl"], "KL bottom-k": row["bottom"]["kl"],
-            "KL random-k (mean)": row["random"]["mean"].get("kl", math.nan),
-            "top/bottom": _fmt(row["ratio_top_bottom"]["kl"], ".3g"),
-            "top/random": _fmt(row["ratio_top_random"]["kl"], ".3g"),
-            "Δloss top-k": row["top"]["loss_increase"], "Δloss bottom-k": row["bottom"]["loss_increase"],
-            "Δloss random-k (mean)": row["random"]["mean"].get("loss_increase", math.nan),
-        })
-    page.table(pd.DataFrame(rows))
-    page.heading("One-group ablations")
-    corr = doc["ablations"]["correlation"]
-    bullets = []
-    for measure, label in (("kl", "KL (damage)"), ("loss_increase", "loss increase")):
-        c = corr[measure]
-        bullets.append(
-            f"{label}: Spearman ρ = {_fmt(c['spearman']['value'], '.3f')} "
-            f"[{_fmt(c['spearman']['ci95'][0], '.2f')}, {_fmt(c['spearman']['ci95'][1], '.2f')}], "
-            f"Kendall τ = {_fmt(c['kendall']['value'], '.3f')} "
-            f"[{_fmt(c['kendall']['ci95'][0], '.2f')}, {_fmt(c['kendall']['ci95'][1], '.2f')}] "
-            f"(n = {c['n']}, 95 % percentile bootstrap, {doc['settings']['bootstrap_resamples']} resamples)"
-        )
-    page.bullets(bullets)
-    table = pd.DataFrame(doc["ablations"]["rows"])[["rank", "layer", "tower", "predicted_score_per_token", "kl", "loss_increase"]]
-    page.table(table.rename(columns={"predicted_score_per_token": "predicted (per token)", "kl": "KL", "loss_increase": "Δloss"}))
-    page.heading("End to end at the cell's budget")
-    e2e = doc["end_to_end"]
-    rand = e2e["random_same_budget"]
-    rows = [{"recipe": "solver's selection", **{k: e2e["recipe"][k] for k in ("bits", "quantized_groups", "kl", "loss_increase")}},
-            {"recipe": f"uniform {doc['ranking_format']}", **{k: e2e["uniform"][k] for k in ("bits", "quantized_groups", "kl", "loss_increase")}}]
-    rows += [{"recipe": f"random, same budget #{i + 1}", **{k: r[k] for k in ("bits", "quantized_groups", "kl", "loss_increase")}}
-             for i, r in enumerate(rand["draws"])]
-    page.table(pd.DataFrame(rows).rename(columns={"quantized_groups": "quantized groups", "kl": "KL", "loss_increase": "Δloss"}))
-    page.para(
-        f"Budget {e2e['budget_bits']:g} effective bits. The solver's recipe does less damage than "
-        f"{rand['recipe_beats']} of {len(rand['draws'])} random recipes that meet the same budget; its KL is "
-        f"{_fmt(e2e['recipe_vs_uniform_kl'], '.3g')} × that of quantizing every group."
-    )
-    return page

@@ -46,6 +46,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from .logs import run_logged
+
 log = logging.getLogger(__name__)
 
 ENABLE_ENV = "VLMSENS_WORKER"
@@ -132,9 +134,7 @@ def fingerprint() -> str:
     """What must match between a job and the server that runs it."""
     from importlib import metadata
 
-    import vlmsens
-
-    package = Path(vlmsens.__file__).parent
+    package = Path(__file__).resolve().parent
     sources = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in package.glob("*.py"))
     versions = {}
     for dist in ("torch", "transformers", "nvidia-modelopt", "vlmsens"):
@@ -317,8 +317,6 @@ def _child(request: dict[str, Any]) -> int:
     sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
     sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
     import torch
-
-    from .logs import run_logged
 
     # Without NVML (no GPU driver) an import's is_available() marks every fork "bad"; that only
     # matters to a child that will use a GPU.

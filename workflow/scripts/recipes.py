@@ -1,7 +1,7 @@
 import torch
 
 from vlmsens.logs import run_logged
-from vlmsens.recipes import write_cell_recipes
+from vlmsens.reports.recipes import write_cell_recipes
 
 w = snakemake.wildcards
 out = snakemake.output

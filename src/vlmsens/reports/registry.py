@@ -1,0 +1,108 @@
+"""The analyses the workflow runs, each declared once by its own module in this package.
+
+An analysis module calls :func:`register` with its name, its level (one job for the whole grid,
+per model, or per cell), what it reads, its outputs with their label in ``snakemake --report``,
+the grid orders it needs, when the default target asks for it, and a ``write(job)`` function. ``rules/report.smk`` turns every entry into a rule of the same
+name, with the caption ``docs/report/<name>.rst`` and the one adapter script
+``workflow/scripts/analysis.py``; a new plot is therefore one module and one caption file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+LEVELS = ("global", "model", "cell")
+# What an analysis reads: the autoquant manifests, the recipes.json of rule recipes, or the
+# validation.json of rule validate (one file for a cell-level analysis, a list otherwise).
+READS = ("manifests", "recipes", "validations")
+# When the default target asks for an analysis: always, only with validation enabled, or only
+# when the grid holds two model families.
+REQUIRES = (None, "validation", "two_families")
+
+
+@dataclass(frozen=True)
+class Output:
+    """One output file: its name in the rule, its path under ``<outdir>/reports``, and its label in
+    the HTML report (``None``: written next to the others but not shown in the report)."""
+
+    key: str
+    path: str
+    item: str | None = None
+
+
+@dataclass(frozen=True)
+class Job:
+    """What the adapter script hands to ``write``: the rule's inputs, outputs, wildcards and params."""
+
+    inputs: list[str]
+    outputs: dict[str, str]
+    wildcards: dict[str, str] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model(self) -> str:
+        return self.wildcards["model"]
+
+    @property
+    def size_order(self) -> list[str]:
+        return list(self.params["size_order"])
+
+    @property
+    def format_order(self) -> list[str]:
+        return list(self.params["format_order"])
+
+
+@dataclass(frozen=True)
+class Analysis:
+    name: str
+    level: str
+    reads: str
+    subcategory: str
+    outputs: tuple[Output, ...]
+    write: Callable[[Job], None]
+    # The grid orders the analysis needs (rule params; each one changes its output).
+    params: tuple[str, ...] = ("size_order",)
+    # Report category; per-model and per-cell analyses file under the model's name.
+    category: str = "{model}"
+    requires: str | None = None
+
+    def __post_init__(self):
+        if self.level not in LEVELS:
+            raise ValueError(f"analysis {self.name}: level {self.level!r} is not one of {LEVELS}")
+        if self.reads not in READS:
+            raise ValueError(f"analysis {self.name}: reads {self.reads!r} is not one of {READS}")
+        if self.requires not in REQUIRES:
+            raise ValueError(f"analysis {self.name}: requires {self.requires!r} is not one of {REQUIRES}")
+        unknown = set(self.params) - {"size_order", "format_order"}
+        if unknown:
+            raise ValueError(f"analysis {self.name}: unknown params {sorted(unknown)}")
+
+    def output(self, key: str) -> Output:
+        return next(o for o in self.outputs if o.key == key)
+
+    def describe(self, wildcards: dict[str, str]) -> str:
+        """The job's name in its log: the analysis, then its wildcards (model/format/scope/size)."""
+        return " ".join([self.name, "/".join(wildcards.values())]) if wildcards else self.name
+
+
+REGISTRY: dict[str, Analysis] = {}
+
+
+def register(analysis: Analysis) -> Analysis:
+    if analysis.name in REGISTRY:
+        raise ValueError(f"two analyses named {analysis.name}")
+    REGISTRY[analysis.name] = analysis
+    return analysis
+
+
+def analyses() -> dict[str, Analysis]:
+    """Every analysis of the package, by name (imports each module of vlmsens.reports once)."""
+    from .. import reports
+
+    for module in pkgutil.iter_modules(reports.__path__):
+        importlib.import_module(f"{reports.__name__}.{module.name}")
+    return dict(sorted(REGISTRY.items()))
