@@ -263,16 +263,21 @@ def run_gpu_job(smk, prefix: str, func, **kwargs):
     """A Snakemake GPU job: log set-up, one GPU slot, the job's torch threads, then ``func(**kwargs)``.
 
     ``smk`` is the script's ``snakemake`` object; its rule declares ``params.extensions_cache`` (one
-    ModelOpt extension cache for every job, so only the first builds) and ``params.gpu_locks``.
+    ModelOpt extension cache for every job, so only the first builds) and ``params.gpu_locks``. Runs
+    through :func:`vlmsens.logs.run_job`, so a retry after an error a smaller batch cannot fix stops
+    before it waits for a GPU.
     """
-    from .logs import run_logged, setup
+    from .logs import run_job
 
     # ModelOpt JIT-builds its CUDA extensions on first use; read at import, so set before torch loads.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.abspath(smk.params.extensions_cache))
-    setup(smk.log[0], prefix)
-    # Pinned through CUDA_VISIBLE_DEVICES before torch loads; SLURM's allocation under SLURM.
-    with gpu_slot(smk.params.gpu_locks):
-        import torch
 
-        torch.set_num_threads(smk.threads)
-        return run_logged(smk.log[0], prefix, func, log_mode="a", **kwargs)
+    def in_slot(progress, **job_kwargs):
+        # Pinned through CUDA_VISIBLE_DEVICES before torch loads; SLURM's allocation under SLURM.
+        with gpu_slot(smk.params.gpu_locks):
+            import torch
+
+            torch.set_num_threads(smk.threads)
+            return func(progress=progress, **job_kwargs)
+
+    return run_job(smk, prefix, in_slot, **kwargs)
