@@ -35,9 +35,9 @@ rule autoquant:
         state=f"{CELL_DIR}/autoquant_state.pt",
     params:
         checkpoint=checkpoint_of,
-        model_cfg=lambda wildcards: dict(sorted(config["models"][wildcards.model].items())),
-        formats_cfg=dict(sorted(config.get("formats", {}).items())),
-        autoquant_cfg=dict(sorted(config["autoquant"].items())),
+        model_cfg=cell_model_settings,
+        formats_cfg=cell_format_settings,
+        autoquant_cfg=cell_autoquant_settings,
         seed=config["seed"],
         extensions_cache=f"{OUT}/.cache/torch_extensions",
         gpu_locks=f"{OUT}/.locks/gpu",
@@ -47,6 +47,7 @@ rule autoquant:
         mem_mb=64000,
         runtime=60,
         batch_size=batch_size_for_attempt,
+        attempt=attempt_number,
     retries: 2
     log:
         f"{LOGS}/autoquant/{{model}}/{{format}}/{{scope}}/{{size}}.log",

@@ -119,3 +119,34 @@ def check_config(config: dict[str, Any], *, check_paths: bool = True) -> None:
                 raise VlmsensError(f"coco.prebuilt_dir: {db} not found (one DB per size in grid.sizes is needed)")
     preflight(config)
 
+
+# --- What a job's params carry -------------------------------------------------------------------
+# Snakemake reruns a job when its params change (rerun trigger "params"). Each GPU rule's params
+# therefore carry only the config its output depends on, so that e.g. a new effective_bits target
+# for one format reruns that format's cells and nothing else.
+
+
+def model_settings(config: dict[str, Any], model: str) -> dict[str, Any]:
+    """The cell's own model entry (family, checkpoint, demo settings)."""
+    return dict(sorted(config["models"][model].items()))
+
+
+def format_settings(config: dict[str, Any], fmt: str) -> dict[str, Any]:
+    """The config's ``formats`` entries this format resolves to: itself and, for a set, its candidates."""
+    own = config.get("formats") or {}
+    spec = format_registry(own).get(fmt, {})
+    names = [fmt, *spec.get("candidates", [])]
+    return {name: own[name] for name in sorted(set(names)) if name in own}
+
+
+def autoquant_settings(config: dict[str, Any], fmt: str) -> dict[str, Any]:
+    """The ``autoquant`` section with the effective-bits target of ``fmt`` only."""
+    section = dict(config["autoquant"])
+    bits = section.pop("effective_bits", {})
+    section["effective_bits"] = {fmt: bits[fmt]} if fmt in bits else {}
+    return dict(sorted(section.items()))
+
+
+def validation_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The ``validation`` section without ``enabled`` (which picks targets, not what a job computes)."""
+    return {k: v for k, v in sorted(config["validation"].items()) if k != "enabled"}
