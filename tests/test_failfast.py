@@ -390,11 +390,15 @@ def test_a_non_oom_error_is_not_retried(tmp_path):
     lines = log.read_text().splitlines()
     assert "Traceback" in log.read_text() and "ValueError: Unrecognized configuration class LlamaConfig" in lines[-1]
     assert lines[-1].index("Unrecognized") > 0 and "autoquant m/wfp8_afp8/lm-only/small failed" in lines[-1]
-    # Snakemake's retry: stops at once, without calling the job, and the first error stays in the log.
+    # Snakemake's retry deletes the log, then the job stops at once without calling ``fails``; its log
+    # carries the first attempt's traceback and line again.
+    log.unlink()
     assert _run(log, fails, 2, batch_size=2) == 1
     assert calls == [4]
     text = log.read_text()
-    assert text.count("Traceback") == 1 and "not retried: attempt 1 failed with ValueError" in text.splitlines()[-1]
+    assert text.count("Traceback") == 1 and "in fails" in text
+    assert "not retried: attempt 1 failed with ValueError" in text.splitlines()[-1]
+    assert "Unrecognized configuration class LlamaConfig" in text.splitlines()[-1]
     # A new run (attempt 1 again) starts afresh.
     assert _run(log, fails, 1, batch_size=4) == 1 and calls == [4, 4]
 

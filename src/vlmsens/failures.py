@@ -77,12 +77,14 @@ def marker_path(log_path: str | os.PathLike) -> Path:
     return log.with_name(f".{log.name}.failure.json")
 
 
-def record(log_path: str | os.PathLike | None, err: BaseException, line: str, attempt: int) -> None:
+def record(log_path: str | os.PathLike | None, err: BaseException, line: str, attempt: int, trace: str = "") -> None:
+    """Keep how this attempt failed; Snakemake deletes the log before a retry, so the trace goes here too."""
     if not log_path:
         return
     path = marker_path(log_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"attempt": attempt, "oom": is_oom(err), "error": type(err).__name__, "line": line}) + "\n")
+    path.write_text(json.dumps({"attempt": attempt, "oom": is_oom(err), "error": type(err).__name__, "line": line,
+                                "traceback": trace}) + "\n")
 
 
 def clear(log_path: str | os.PathLike | None) -> None:
@@ -90,8 +92,8 @@ def clear(log_path: str | os.PathLike | None) -> None:
         marker_path(log_path).unlink(missing_ok=True)
 
 
-def earlier_failure(log_path: str | os.PathLike | None, attempt: int) -> str | None:
-    """On a retry: the line of the earlier attempt's failure when a retry cannot fix it, else None.
+def earlier_failure(log_path: str | os.PathLike | None, attempt: int) -> tuple[str, str] | None:
+    """On a retry: (traceback, line) of the earlier attempt's failure when a retry cannot fix it, else None.
 
     Attempt 1 clears a stale marker instead (it is the first attempt of a new run).
     """
@@ -106,5 +108,6 @@ def earlier_failure(log_path: str | os.PathLike | None, attempt: int) -> str | N
         return None  # killed without a record: try again
     if previous.get("oom"):
         return None
-    return (f"not retried: attempt {previous.get('attempt')} failed with {previous.get('error')}, which a smaller "
+    line = (f"not retried: attempt {previous.get('attempt')} failed with {previous.get('error')}, which a smaller "
             f"batch cannot fix. {previous.get('line')}")
+    return previous.get("traceback") or "", line

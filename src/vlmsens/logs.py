@@ -35,8 +35,11 @@ def setup(log_path: str | None, prefix: str = "", mode: str = "w") -> logging.Lo
 
 def refuse_futile_retry(logger: logging.Logger, log_path: str | None, attempt: int) -> None:
     """Exit 1 at once when an earlier attempt failed with an error a retry cannot fix."""
-    line = failures.earlier_failure(log_path, attempt)
-    if line:
+    earlier = failures.earlier_failure(log_path, attempt)
+    if earlier:
+        trace, line = earlier
+        if trace:
+            logger.error("traceback of the earlier attempt:\n%s", trace)
         logger.error("%s", line)
         sys.exit(1)
 
@@ -54,13 +57,14 @@ def run_logged(
 ):
     """Run ``func`` with logging set up; any exception ends the log with one line and exits 1.
 
-    ``log_mode="a"`` continues a log the script already started (e.g. with the GPU slot it took); a
-    retry (``job_attempt`` > 1) appends too, so the earlier attempt's error stays in the log.
+    ``log_mode="a"`` continues a log the script already started (e.g. with the GPU slot it took).
+    Snakemake deletes the log before a retry, so a retry that stops at once repeats the earlier
+    attempt's traceback and line from its record.
     """
     from .errors import VlmsensError
     from .io import sweep_stale_tmp
 
-    logger = setup(log_path, prefix, mode="a" if job_attempt > 1 else log_mode)
+    logger = setup(log_path, prefix, mode=log_mode)
     refuse_futile_retry(logger, log_path, job_attempt)
     if job_outputs:
         for path in sweep_stale_tmp(job_outputs):
@@ -70,9 +74,10 @@ def run_logged(
             result = func(*args, progress=logger.info, **kwargs) if _takes_progress(func) else func(*args, **kwargs)
     except BaseException as err:  # noqa: BLE001 - every failure gets its line; the exit status is 1 either way
         line = failures.describe(err, prefix, job_inputs, batch_size=kwargs.get("batch_size"))
-        if not isinstance(err, VlmsensError):
-            logger.error("traceback:\n%s", traceback.format_exc().rstrip())
-        failures.record(log_path, err, line, job_attempt)
+        trace = "" if isinstance(err, VlmsensError) else traceback.format_exc().rstrip()
+        if trace:
+            logger.error("traceback:\n%s", trace)
+        failures.record(log_path, err, line, job_attempt, trace)
         logger.error("%s", line)
         sys.exit(1)
     failures.clear(log_path)
