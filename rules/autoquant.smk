@@ -11,7 +11,7 @@ rule prepare_samples:
     params:
         checkpoint=checkpoint_of,
         coco_root=coco_root(),
-        prompts=dict(sorted(config["prompts"].items())),
+        prompts=lambda wildcards: prompt_settings(config, wildcards.scope),
     threads: 1
     log:
         f"{LOGS}/prepare_samples/{{model}}/{{scope}}/{{size}}.log",

@@ -10,6 +10,7 @@ from vlmsens.config import (
     is_demo_coco,
     is_demo_model,
     model_settings,
+    prompt_settings,
     validation_settings,
 )
 from vlmsens.errors import VlmsensError

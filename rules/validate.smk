@@ -12,7 +12,7 @@ rule prepare_eval_samples:
     params:
         checkpoint=checkpoint_of,
         coco_root=coco_root(),
-        prompts=dict(sorted(config["prompts"].items())),
+        prompts=lambda wildcards: prompt_settings(config, wildcards.scope),
     threads: 1
     log:
         f"{LOGS}/prepare_eval_samples/{{model}}/{{scope}}.log",

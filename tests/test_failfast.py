@@ -28,6 +28,7 @@ from vlmsens.config import (
     check_config,
     check_not_merged,
     format_settings,
+    prompt_settings,
     validation_settings,
 )
 from vlmsens.errors import VlmsensError
@@ -258,6 +259,9 @@ def test_cell_params_hold_only_the_cells_own_settings():
     assert format_settings(config, "set") == {"a": config["formats"]["a"], "set": config["formats"]["set"]}
     assert format_settings(config, "wfp8_afp8") == {}
     assert validation_settings(config) == {"k": [0.1]}
+    prompts = {"prompts": {"image_instruction": "i", "text_instruction": "t", "min_pixels": 1, "max_pixels": 2}}
+    assert prompt_settings(prompts, "lm-only") == {"text_instruction": "t"}
+    assert prompt_settings(prompts, "all-layers") == {"image_instruction": "i", "min_pixels": 1, "max_pixels": 2}
 
 
 def test_demo_merged_into_the_real_config_is_refused():
@@ -322,6 +326,15 @@ def test_new_target_for_one_format_reruns_only_that_formats_cells(tmp_path):
     assert len(cells) == 12 and all("format=wint8_aint8" in wc for wc in cells), cells
     assert not any("format=wfp8_afp8" in wc for _, wc in jobs), [j for j in jobs if "wfp8_afp8" in j[1]]
     assert "params have changed since last execution:\n        autoquant\n" in log
+    # A new image instruction re-encodes the image+caption samples only; caption-only cells stay.
+    edited = yaml.safe_load((workdir / "config" / "demo.yaml").read_text())
+    edited["prompts"]["image_instruction"] = "What is in the picture?"
+    (workdir / "prompt.yaml").write_text(yaml.safe_dump(edited))
+    prompt = _snakemake(workdir, "--configfile", "prompt.yaml", "--replace-workflow-config", "-n")
+    prompt_jobs = _planned_jobs(prompt.stdout + prompt.stderr)
+    encoded = [wc for rule, wc in prompt_jobs if rule in ("prepare_samples", "prepare_eval_samples")]
+    assert len(encoded) == 8 and all("scope=all-layers" in wc for wc in encoded), encoded
+    assert not any("scope=lm-only" in wc for _, wc in prompt_jobs)
     # The GPU jobs learn their attempt (vlmsens.logs.run_job), so a retry can refuse a non-OOM failure.
     bodies = re.findall(r"^rule (?:autoquant|validate):\n((?:    .*\n)*)", log, flags=re.MULTILINE)
     assert bodies and all(re.search(r"resources: .*\battempt=1\b", body) for body in bodies)

@@ -147,6 +147,15 @@ def autoquant_settings(config: dict[str, Any], fmt: str) -> dict[str, Any]:
     return dict(sorted(section.items()))
 
 
+# The prompt settings each scope's samples are encoded with (vlmsens.batches.encode_samples).
+SCOPE_PROMPT_KEYS = {"lm-only": ("text_instruction",), "all-layers": ("image_instruction", "min_pixels", "max_pixels")}
+
+
+def prompt_settings(config: dict[str, Any], scope: str) -> dict[str, Any]:
+    """The ``prompts`` keys samples of ``scope`` depend on: caption-only samples use no image settings."""
+    return {key: config["prompts"][key] for key in SCOPE_PROMPT_KEYS[scope]}
+
+
 def validation_settings(config: dict[str, Any]) -> dict[str, Any]:
     """The ``validation`` section without ``enabled`` (which picks targets, not what a job computes)."""
     return {k: v for k, v in sorted(config["validation"].items()) if k != "enabled"}
