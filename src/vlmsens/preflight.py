@@ -103,19 +103,18 @@ def resolve_checkpoint(value: str, key: str) -> Path | None:
         return path
     if path.exists():
         raise VlmsensError(f"{key}: {value} is a file, not a checkpoint folder; point it at the folder holding config.json")
-    where = f"{path.resolve()} does not exist" + ("" if path.is_absolute() else f" (relative to the working directory {Path.cwd()})")
+    where = f"{path.resolve()} does not exist" + ("" if path.is_absolute() else f", relative to the working directory {Path.cwd()}")
     if looks_like_path(value):
-        raise VlmsensError(f"{key}: checkpoint folder {value} not found: {where}. Fix the path, or give a Hugging Face id")
+        raise VlmsensError(f"{key}: checkpoint folder {value} not found ({where}); fix the path, or give a Hugging Face id")
     snapshot = cached_snapshot(value)
     if snapshot is not None:
         return snapshot
     if downloads_allowed():
         return None
     raise VlmsensError(
-        f"{key}: {value!r} is no local folder ({where}) and no model in the local Hugging Face cache "
-        f"({_hub_cache()}). The workflow does not download (offline unless {OFFLINE_ENV}=0 is set): "
-        f"download it first with `hf download {value}`, point {key} at a checkpoint folder, "
-        f"or set {OFFLINE_ENV}=0 to let the jobs download it"
+        f"{key}: no checkpoint folder {value} ({where}), and no Hugging Face model {value} in the local cache "
+        f"({_hub_cache()}). Fix the path; or, for a hub model, download it first (`hf download {value}`) or set "
+        f"{OFFLINE_ENV}=0 to let the jobs download it (the workflow is offline unless {OFFLINE_ENV}=0 is set)"
     )
 
 
