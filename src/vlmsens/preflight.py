@@ -57,7 +57,8 @@ def downloads_allowed() -> bool:
 
 
 def looks_like_path(value: str) -> bool:
-    """A value no hub id can be: absolute, ``./``/``../``/``~``, more than one ``/``, or not an id."""
+    """A value to take as a path only: absolute, ``./``/``../``/``~``, more than one ``/``, not a valid
+    hub id, or ``a/b`` where ``a`` is a local folder."""
     if value.startswith(("/", ".", "~")) or value.count("/") > 1 or value.endswith("/"):
         return True
     first = value.split("/", 1)[0]
