@@ -11,7 +11,7 @@ rule prepare_samples:
     params:
         checkpoint=checkpoint_of,
         coco_root=coco_root(),
-        prompts=dict(sorted(config["prompts"].items())),
+        prompts=lambda wildcards: prompt_settings(config, wildcards.scope),
     threads: 1
     log:
         f"{LOGS}/prepare_samples/{{model}}/{{scope}}/{{size}}.log",
@@ -35,9 +35,9 @@ rule autoquant:
         state=f"{CELL_DIR}/autoquant_state.pt",
     params:
         checkpoint=checkpoint_of,
-        model_cfg=lambda wildcards: dict(sorted(config["models"][wildcards.model].items())),
-        formats_cfg=dict(sorted(config.get("formats", {}).items())),
-        autoquant_cfg=dict(sorted(config["autoquant"].items())),
+        model_cfg=cell_model_settings,
+        formats_cfg=cell_format_settings,
+        autoquant_cfg=cell_autoquant_settings,
         seed=config["seed"],
         extensions_cache=f"{OUT}/.cache/torch_extensions",
         gpu_locks=f"{OUT}/.locks/gpu",
@@ -48,6 +48,7 @@ rule autoquant:
         runtime=60,
         batch_size=batch_size_for_attempt,
         batch_halvings=batch_halvings_for_attempt,
+        attempt=attempt_number,
     retries: 2
     log:
         f"{LOGS}/autoquant/{{model}}/{{format}}/{{scope}}/{{size}}.log",

@@ -14,7 +14,7 @@ rule coco_subset:
         seed=config["seed"],
         on_bad_image=config["coco"]["on_bad_image"],
         eval_split=config["coco"]["eval_split"],
-        eval_images=config["coco"]["eval_images"],
+        eval_images=held_out_images(),
         prebuilt_dir=config["coco"].get("prebuilt_dir") or "",
     log:
         f"{LOGS}/coco_subset/{{size}}.log",

@@ -3,7 +3,18 @@ import os
 import re
 import sys
 
-from vlmsens.config import Settings, check_config, grid_cells, is_demo_coco, is_demo_model
+from vlmsens.config import (
+    Settings,
+    autoquant_settings,
+    check_config,
+    format_settings,
+    grid_cells,
+    is_demo_coco,
+    is_demo_model,
+    model_settings,
+    prompt_settings,
+    validation_settings,
+)
 from vlmsens.errors import VlmsensError
 from vlmsens.recipes import budget_slug
 from vlmsens.reports.registry import analyses
@@ -94,7 +105,7 @@ def checkpoint_of(wildcards):
 
 
 def batch_size_for_attempt(wildcards, attempt):
-    """Each retry after a failure (e.g. CUDA out of memory) halves the batch; 0 means auto."""
+    """Each retry halves the batch (0 means auto); only a CUDA out-of-memory failure is retried (attempt_number)."""
     size = SETTINGS.autoquant.batch_size
     return 0 if size == 0 else max(1, size // 2 ** (attempt - 1))
 
@@ -102,6 +113,34 @@ def batch_size_for_attempt(wildcards, attempt):
 def batch_halvings_for_attempt(wildcards, attempt):
     """An auto-sized batch is halved inside the cell, once per retry."""
     return attempt - 1 if SETTINGS.autoquant.batch_size == 0 else 0
+
+
+def attempt_number(wildcards, attempt):
+    """The attempt, for the job script: Snakemake retries any failure, so a retry reads how the
+    previous attempt failed and stops at once unless it was an out-of-memory error (vlmsens.failures)."""
+    return attempt
+
+
+# Params of the GPU rules: only the config a cell's output depends on (vlmsens.config).
+def cell_model_settings(wildcards):
+    return model_settings(config, wildcards.model)
+
+
+def cell_format_settings(wildcards):
+    return format_settings(config, wildcards.format)
+
+
+def cell_autoquant_settings(wildcards):
+    return autoquant_settings(config, wildcards.format)
+
+
+def held_out_images():
+    """coco.eval_images as far as a calibration subset depends on it: held-out images are excluded
+    from the same split, and a pre-built DB is checked against them; otherwise it changes nothing."""
+    coco = config["coco"]
+    if coco["eval_split"] == coco["calib_split"] or coco.get("prebuilt_dir"):
+        return coco["eval_images"]
+    return 0
 
 
 # --- Reports and recipes (rules/report.smk) ---------------------------------------------------

@@ -12,7 +12,7 @@ rule prepare_eval_samples:
     params:
         checkpoint=checkpoint_of,
         coco_root=coco_root(),
-        prompts=dict(sorted(config["prompts"].items())),
+        prompts=lambda wildcards: prompt_settings(config, wildcards.scope),
     threads: 1
     log:
         f"{LOGS}/prepare_eval_samples/{{model}}/{{scope}}.log",
@@ -35,10 +35,10 @@ rule validate:
         markdown=f"{CELL_DIR}/validation.md",
     params:
         checkpoint=checkpoint_of,
-        model_cfg=lambda wildcards: dict(sorted(config["models"][wildcards.model].items())),
-        formats_cfg=dict(sorted(config.get("formats", {}).items())),
-        autoquant_cfg=dict(sorted(config["autoquant"].items())),
-        validation_cfg=dict(sorted(config["validation"].items())),
+        model_cfg=cell_model_settings,
+        formats_cfg=cell_format_settings,
+        autoquant_cfg=cell_autoquant_settings,
+        validation_cfg=validation_settings(config),
         seed=config["seed"],
         extensions_cache=f"{OUT}/.cache/torch_extensions",
         gpu_locks=f"{OUT}/.locks/gpu",
@@ -49,6 +49,7 @@ rule validate:
         runtime=60,
         batch_size=batch_size_for_attempt,
         batch_halvings=batch_halvings_for_attempt,
+        attempt=attempt_number,
     retries: 2
     log:
         f"{LOGS}/validate/{{model}}/{{format}}/{{scope}}/{{size}}.log",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -15,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112
 WORKFLOW_PARTS = ("Snakefile", "rules", "config", "workflow", "docs", "profiles", "envs")
+PROCESSOR_FILES = ("processor_config.json", "tokenizer.json", "tokenizer_config.json")
 
 
 def load_bench(name: str):
@@ -37,6 +39,24 @@ def copy_workflow(dest: Path) -> Path:
         else:
             shutil.copy(src, dest / part)
     return dest
+
+
+def fake_checkpoint(folder: Path, model_type: str, processor: bool = True) -> Path:
+    """The files the preflight reads: config.json and the processor files (no weights needed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+    for name in PROCESSOR_FILES if processor else ():
+        (folder / name).write_text("{}")
+    return folder
+
+
+def fake_hub_snapshot(cache: Path, repo_id: str, model_type: str) -> Path:
+    """A snapshot of ``repo_id`` laid out as huggingface_hub caches it (refs/main -> snapshots/<sha>)."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    sha = "0" * 40
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(sha)
+    return fake_checkpoint(repo / "snapshots" / sha, model_type)
 
 
 @pytest.fixture(scope="session")

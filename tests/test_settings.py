@@ -37,7 +37,9 @@ def test_a_partial_section_gets_the_schema_defaults_and_only_those():
     schema = yaml.safe_load((REPO / "config" / "schema.yaml").read_text())["properties"]
     quant = AutoquantSettings.from_config({"method": "kl_div"})
     assert quant.method == "kl_div"
-    assert quant.batch_size == schema["autoquant"]["properties"]["batch_size"]["default"]
+    default_batch = schema["autoquant"]["properties"]["batch_size"]["default"]
+    assert quant.batch_size == (0 if default_batch == "auto" else default_batch)
+    assert quant.gpu_memory_gib == schema["autoquant"]["properties"]["gpu_memory_gib"]["default"]
     assert quant.device == schema["autoquant"]["properties"]["device"]["default"]
     assert dict(quant.effective_bits) == schema["autoquant"]["properties"]["effective_bits"]["default"]
     validation = ValidationSettings.from_config({"random_draws": 2}, seed=7)

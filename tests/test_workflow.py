@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, copy_workflow
+from conftest import REPO, copy_workflow, fake_hub_snapshot
 
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 DEMO = ["--configfile", "config/demo.yaml", "--replace-workflow-config"]
@@ -143,16 +143,23 @@ def test_committed_rulegraph_is_current(tmp_path):
     assert current == committed, "docs/rulegraph.mmd is stale: run `make dag`"
 
 
-def _placeholder_coco(root: Path) -> Path:
+def _placeholder_coco(root: Path, eval_images: int = 100) -> Path:
+    """Annotation files only; val2017 lists as many images as the held-out subset takes (preflight)."""
     (root / "annotations").mkdir(parents=True)
-    for split in ("train2017", "val2017"):
-        (root / "annotations" / f"captions_{split}.json").write_text('{"images": [], "annotations": []}')
+    (root / "annotations" / "captions_train2017.json").write_text('{"images": [], "annotations": []}')
+    images = [{"id": i, "file_name": f"{i:012d}.jpg"} for i in range(eval_images)]
+    (root / "annotations" / "captions_val2017.json").write_text(json.dumps({"images": images, "annotations": []}))
     return root
 
 
-def test_dry_run_of_the_real_grid(tmp_path):
+def test_dry_run_of_the_real_grid(tmp_path, monkeypatch):
     workdir = copy_workflow(tmp_path / "wf")
     coco = _placeholder_coco(tmp_path / "coco")
+    # The preflight needs each checkpoint's config and processor files in the local hub cache.
+    cache = tmp_path / "hf-cache"
+    for repo_id, model_type in (("Qwen/Qwen2.5-VL-3B-Instruct", "qwen2_5_vl"), ("Qwen/Qwen3-VL-4B-Instruct", "qwen3_vl")):
+        fake_hub_snapshot(cache, repo_id, model_type)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     proc = snakemake(workdir, "-n", "--config", f"coco={{root: {coco}}}")
     counts = job_counts(proc.stdout)
     assert counts["coco_subset"] == 3

@@ -78,6 +78,11 @@ def load_annotations(path: str | Path) -> tuple[dict[int, str], dict[int, list[t
         data = json.loads(path.read_bytes())
     except json.JSONDecodeError as err:
         raise VlmsensError(f"COCO captions file {path} is not valid JSON: {err}") from None
+    except UnicodeDecodeError as err:
+        raise VlmsensError(
+            f"COCO captions file {path} is not valid UTF-8 (byte {err.start}: {err.reason}); "
+            "save it as UTF-8 (the COCO annotations are UTF-8 JSON)"
+        ) from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("annotations"), list):
         raise VlmsensError(f"COCO captions file {path} lacks the 'images' or 'annotations' list.")
     images, annotations = data["images"], data["annotations"]
@@ -160,12 +165,14 @@ def select_samples(
     salt: int = 0,
     decode_images: bool = True,
     annotations: tuple[dict, dict] | None = None,
+    count_key: str = "sizes",
 ) -> Selection:
     """The first ``num_samples`` usable images of the seeded order, one caption each.
 
     Taking a prefix of one fixed order makes subsets of different sizes nested. A bad candidate
     (missing file, undecodable, path outside the root, no non-empty caption) raises, or with
     ``on_bad_image='replace'`` is skipped for the next candidate and recorded in ``skipped``.
+    ``count_key`` is the config key of ``num_samples``, named when the split has too few images.
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples <= 0:
         raise VlmsensError(f"sample count must be a positive integer, got {num_samples!r}")
@@ -221,7 +228,7 @@ def select_samples(
     if len(samples) < num_samples:
         raise VlmsensError(
             f"only {len(samples)} usable images in {root}/{split} for a subset of {num_samples} "
-            f"({len(skipped)} skipped); lower the size in the config's 'sizes' or fix the data."
+            f"({len(skipped)} skipped); lower {count_key} in the config or fix the data."
         )
     return Selection(samples=samples, skipped=skipped)
 
@@ -337,7 +344,7 @@ def _held_out(
     try:
         return select_samples(
             root, split, eval_images, seed, on_bad_image="replace", salt=1,
-            decode_images=decode_images, annotations=annotations,
+            decode_images=decode_images, annotations=annotations, count_key="coco.eval_images",
         )
     except VlmsensError as err:
         raise VlmsensError(f"held-out evaluation subset (coco.eval_images={eval_images}, split {split}): {err}") from None
@@ -409,7 +416,7 @@ def build_subset(
         n_held_out = len(held_out.samples)
     selection = select_samples(
         root, split, num_samples, seed, on_bad_image=on_bad_image, exclude_image_ids=exclude,
-        decode_images=decode_images, annotations=annotations,
+        decode_images=decode_images, annotations=annotations, count_key=f"sizes.{size_name}",
     )
     meta = {
         "source_dataset": "coco2017",
@@ -446,7 +453,8 @@ def build_eval_subset(
     root = Path(coco_root)
     annotation_file = root / "annotations" / f"captions_{split}.json"
     selection = select_samples(
-        root, split, num_images, seed, on_bad_image=on_bad_image, salt=1, decode_images=decode_images
+        root, split, num_images, seed, on_bad_image=on_bad_image, salt=1, decode_images=decode_images,
+        count_key="coco.eval_images",
     )
     meta = {
         "source_dataset": "coco2017",

@@ -45,11 +45,12 @@ def prepare_samples(
     with_image = get_scope(scope).with_image
     if with_image and not coco_root:
         raise VlmsensError(f"scope {scope} needs coco.root to read the images")
+    # ``prompts`` holds the keys of this scope only (vlmsens.config.prompt_settings).
     settings = PromptSettings(
-        image_instruction=prompts["image_instruction"],
-        text_instruction=prompts["text_instruction"],
-        min_pixels=int(prompts["min_pixels"]),
-        max_pixels=int(prompts["max_pixels"]),
+        image_instruction=prompts.get("image_instruction", ""),
+        text_instruction=prompts.get("text_instruction", ""),
+        min_pixels=int(prompts.get("min_pixels", 0)),
+        max_pixels=int(prompts.get("max_pixels", 0)),
     )
     progress(f"preprocess: {len(samples)} samples, {get_scope(scope).modality}")
     processor = load_processor(checkpoint)

@@ -21,6 +21,12 @@ from typing import Any
 
 from .errors import VlmsensError
 from .formats import format_registry
+from .preflight import expand_paths, preflight
+
+REPLACE_HINT = (
+    "a config file given with --configfile is merged into config/config.yaml unless "
+    "--replace-workflow-config is given too"
+)
 
 SCHEMA = Path(__file__).resolve().parents[2] / "config" / "schema.yaml"
 
@@ -138,9 +144,35 @@ def is_demo_coco(config: dict[str, Any]) -> bool:
     return "demo" in config["coco"]
 
 
+def check_not_merged(config: dict[str, Any]) -> None:
+    """A config is a demo (coco.demo) or a real one (coco.root), never both.
+
+    Both set is what Snakemake makes of ``--configfile config/demo.yaml`` without
+    ``--replace-workflow-config``: config/config.yaml merged under the demo config, whose real models,
+    COCO root and settings would then leak into the demo run (and into its jobs' params).
+    """
+    coco = config["coco"]
+    if coco.get("root") and "demo" in coco:
+        raise VlmsensError(
+            f"coco.root ({coco['root']}) and coco.demo are both set: a config is either a demo or a real run. "
+            f"If you ran the demo config, add --replace-workflow-config ({REPLACE_HINT}); otherwise remove one of them"
+        )
+    for name, entry in config["models"].items():
+        if entry.get("checkpoint") and "demo" in entry:
+            raise VlmsensError(
+                f"models.{name}.checkpoint and models.{name}.demo are both set: remove one ({REPLACE_HINT})"
+            )
+
+
 def check_config(config: dict[str, Any], *, check_paths: bool = True) -> None:
-    """Raise VlmsensError naming the first bad key; the schema has already run."""
+    """Raise VlmsensError naming the first bad key; the schema has already run.
+
+    Expands ``~`` in the config's paths in place, and with ``check_paths`` runs the preflight of
+    checkpoints and data (vlmsens.preflight), which also fills in a model's ``family`` when absent.
+    """
+    expand_paths(config)
     grid = config["grid"]
+    check_not_merged(config)
     for model in grid["models"]:
         if model not in config["models"]:
             raise VlmsensError(f"grid.models names {model!r}, which is not a key of 'models' (known: {sorted(config['models'])})")
@@ -168,21 +200,14 @@ def check_config(config: dict[str, Any], *, check_paths: bool = True) -> None:
             raise VlmsensError(f"models.{model}.checkpoint is not set (a local folder or HF id), and models.{model}.demo is absent")
     if not check_paths:
         return
-    for model in grid["models"]:
-        entry = config["models"][model]
-        checkpoint = entry.get("checkpoint")
-        if "demo" in entry or not checkpoint:
-            continue
-        looks_local = checkpoint.startswith(("/", ".", "~")) or Path(checkpoint).exists()
-        if looks_local and not (Path(checkpoint).expanduser() / "config.json").is_file():
-            raise VlmsensError(f"models.{model}.checkpoint: {checkpoint} is not a checkpoint folder (no config.json there)")
     coco = config["coco"]
     if "demo" not in coco:
         root = coco["root"]
         if not root:
             raise VlmsensError("coco.root is not set: point it at a COCO 2017 folder (annotations/, train2017/, val2017/)")
         if not Path(root).is_dir():
-            raise VlmsensError(f"coco.root: {root} does not exist; point it at a COCO 2017 folder")
+            where = "" if Path(root).is_absolute() else f" (relative to the working directory {Path.cwd()})"
+            raise VlmsensError(f"coco.root: {root} does not exist{where}; point it at a COCO 2017 folder")
         for split in sorted({coco["calib_split"], coco["eval_split"]}):
             ann = Path(root) / "annotations" / f"captions_{split}.json"
             if not ann.is_file() and not coco["prebuilt_dir"]:
@@ -193,3 +218,45 @@ def check_config(config: dict[str, Any], *, check_paths: bool = True) -> None:
             db = folder / f"coco2017_vlm_calib_{size}.db"
             if not db.is_file():
                 raise VlmsensError(f"coco.prebuilt_dir: {db} not found (one DB per size in grid.sizes is needed)")
+    preflight(config)
+
+
+# --- What a job's params carry -------------------------------------------------------------------
+# Snakemake reruns a job when its params change (rerun trigger "params"). Each GPU rule's params
+# therefore carry only the config its output depends on, so that e.g. a new effective_bits target
+# for one format reruns that format's cells and nothing else.
+
+
+def model_settings(config: dict[str, Any], model: str) -> dict[str, Any]:
+    """The cell's own model entry (family, checkpoint, demo settings)."""
+    return dict(sorted(config["models"][model].items()))
+
+
+def format_settings(config: dict[str, Any], fmt: str) -> dict[str, Any]:
+    """The config's ``formats`` entries this format resolves to: itself and, for a set, its candidates."""
+    own = config.get("formats") or {}
+    spec = format_registry(own).get(fmt, {})
+    names = [fmt, *spec.get("candidates", [])]
+    return {name: own[name] for name in sorted(set(names)) if name in own}
+
+
+def autoquant_settings(config: dict[str, Any], fmt: str) -> dict[str, Any]:
+    """The ``autoquant`` section with the effective-bits target of ``fmt`` only."""
+    section = dict(config["autoquant"])
+    bits = section.pop("effective_bits", {})
+    section["effective_bits"] = {fmt: bits[fmt]} if fmt in bits else {}
+    return dict(sorted(section.items()))
+
+
+# The prompt settings each scope's samples are encoded with (vlmsens.batches.encode_samples).
+SCOPE_PROMPT_KEYS = {"lm-only": ("text_instruction",), "all-layers": ("image_instruction", "min_pixels", "max_pixels")}
+
+
+def prompt_settings(config: dict[str, Any], scope: str) -> dict[str, Any]:
+    """The ``prompts`` keys samples of ``scope`` depend on: caption-only samples use no image settings."""
+    return {key: config["prompts"][key] for key in SCOPE_PROMPT_KEYS[scope]}
+
+
+def validation_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The ``validation`` section without ``enabled`` (which picks targets, not what a job computes)."""
+    return {k: v for k, v in sorted(config["validation"].items()) if k != "enabled"}

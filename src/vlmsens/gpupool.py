@@ -33,15 +33,14 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import worker
-from .errors import VlmsensError
-from .logs import run_logged, setup
+from .errors import AlreadyReported, VlmsensError
+from .logs import run_job
 
 log = logging.getLogger(__name__)
 
@@ -265,29 +264,34 @@ def run_gpu_job(smk, prefix: str, func, **kwargs):
     """A Snakemake GPU job: log set-up, one GPU slot, the job's torch threads, then ``func(**kwargs)``.
 
     ``smk`` is the script's ``snakemake`` object; its rule declares ``params.extensions_cache`` (one
-    ModelOpt extension cache for every job, so only the first builds) and ``params.gpu_locks``.
+    ModelOpt extension cache for every job, so only the first builds) and ``params.gpu_locks``. Runs
+    through :func:`vlmsens.logs.run_job`, so a retry after an error a smaller batch cannot fix stops
+    before it waits for a GPU.
     """
-
     # ModelOpt JIT-builds its CUDA extensions on first use; read at import, so set before torch loads.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.abspath(smk.params.extensions_cache))
     # Large ragged batches fragment the caching allocator (a quarter of the peak on an H100, bench/RESULTS.md).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    open(smk.log[0], "w").close()
-    # Appending: the worker's child writes to the same log while this process keeps it open.
-    setup(smk.log[0], prefix, mode="a")
-    # Pinned through CUDA_VISIBLE_DEVICES before torch loads; SLURM's allocation under SLURM.
-    with gpu_slot(smk.params.gpu_locks):
-        if worker.enabled():
-            try:
-                code = worker.run_job(worker.address_for(smk.params.gpu_locks), func, kwargs, log_path=smk.log[0],
-                                      prefix=prefix, threads=smk.threads)
-            except worker.WorkerUnavailable as err:
-                log.warning("worker: %s; running the job in this process", err)
-            else:
-                if code:
-                    sys.exit(code)
-                return None
-        import torch
+    attempt = int(getattr(smk.resources, "attempt", 1) or 1)
 
-        torch.set_num_threads(smk.threads)
-        return run_logged(smk.log[0], prefix, func, log_mode="a", **kwargs)
+    def in_slot(progress, **job_kwargs):
+        # Pinned through CUDA_VISIBLE_DEVICES before torch loads; SLURM's allocation under SLURM.
+        with gpu_slot(smk.params.gpu_locks):
+            if worker.enabled():
+                try:
+                    code = worker.run_job(worker.address_for(smk.params.gpu_locks), func, job_kwargs, log_path=smk.log[0],
+                                          prefix=prefix, threads=smk.threads, attempt=attempt,
+                                          inputs={k: str(v) for k, v in smk.input.items()})
+                except worker.WorkerUnavailable as err:
+                    log.warning("worker: %s; running the job in this process", err)
+                else:
+                    if code:
+                        raise AlreadyReported(code)
+                    return None
+            import torch
+
+            torch.set_num_threads(smk.threads)
+            return func(progress=progress, **job_kwargs)
+
+    # Appending: a worker's child writes to the same log while this process holds it open.
+    return run_job(smk, prefix, in_slot, log_mode="a", **kwargs)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +87,24 @@ def sha256_tree(path: str | Path) -> str:
         digest.update(str(file.relative_to(root)).encode())
         digest.update(sha256_file(file).encode())
     return digest.hexdigest()
+
+
+def sweep_stale_tmp(outputs: Iterable[str | Path]) -> list[Path]:
+    """Remove the temporary siblings (``.<name>.*.tmp``) that killed writers of ``outputs`` left.
+
+    :func:`atomic_path` and :func:`atomic_dir` remove theirs on any exception; only a process killed
+    outright (``kill -9``, the OOM killer) leaves one. A job calls this before writing its outputs;
+    Snakemake runs one job per output at a time, so no live writer owns them.
+    """
+    removed = []
+    for output in outputs:
+        path = Path(output)
+        if not path.parent.is_dir():
+            continue
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+            removed.append(stale)
+    return removed

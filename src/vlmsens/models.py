@@ -3,33 +3,22 @@
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 
 from .errors import VlmsensError
+from .preflight import resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
 
-def _offline() -> bool:
-    try:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except Exception:  # pragma: no cover - hub always ships with transformers
-        return os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
-
-
 def _source(checkpoint: str) -> tuple[str, bool]:
-    """(path or id, local_files_only): a local folder never touches the network."""
-    path = Path(checkpoint).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise VlmsensError(f"checkpoint folder {path} has no config.json; point models.<name>.checkpoint at a HF checkpoint folder")
-        return str(path), True
-    if checkpoint.startswith(("/", ".", "~")):
-        raise VlmsensError(f"checkpoint folder {checkpoint} does not exist (config key models.<name>.checkpoint)")
-    return checkpoint, _offline()
+    """(folder or id, local_files_only): the preflight's resolution, so a job never downloads unasked.
+
+    A local folder or a cached hub snapshot loads from disk; an uncached id loads from the hub only
+    when HF_HUB_OFFLINE=0 allows downloads (vlmsens.preflight), and fails at once otherwise.
+    """
+
+    folder = resolve_checkpoint(checkpoint, "models.<name>.checkpoint")
+    return (str(folder), True) if folder is not None else (checkpoint, False)
 
 
 def pick_device(requested: str = "auto") -> str:

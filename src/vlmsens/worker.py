@@ -251,7 +251,8 @@ def _wait_gone(address: str, timeout: float) -> None:
         time.sleep(0.1)
 
 
-def run_job(address: str, func, kwargs: dict[str, Any], *, log_path: str, prefix: str, threads: int) -> int:
+def run_job(address: str, func, kwargs: dict[str, Any], *, log_path: str, prefix: str, threads: int,
+            attempt: int = 1, inputs: dict[str, str] | None = None) -> int:
     """Run ``func(**kwargs)`` in a child of the warm server; returns its exit status (0 = done).
 
     Raises WorkerUnavailable when the server cannot take the job (nothing has run then).
@@ -266,6 +267,8 @@ def run_job(address: str, func, kwargs: dict[str, Any], *, log_path: str, prefix
         "log": os.path.abspath(log_path),
         "prefix": prefix,
         "threads": int(threads),
+        "attempt": int(attempt),
+        "inputs": inputs or {},
         "env": {k: os.environ.get(k) for k in JOB_ENV},
     }
     sock = _connect(address)
@@ -327,7 +330,9 @@ def _child(request: dict[str, Any]) -> int:
     if torch.cuda.is_available():
         _reload_gpu_kernels()
     try:
-        run_logged(None, request["prefix"], _resolve(request["func"]), **request["kwargs"])
+        # The job's own log: a failure is recorded beside it (OOM or not) for Snakemake's retry.
+        run_logged(request["log"], request["prefix"], _resolve(request["func"]), log_mode="a",
+                   job_attempt=request.get("attempt", 1), job_inputs=request.get("inputs"), **request["kwargs"])
     except SystemExit as stop:
         return stop.code if isinstance(stop.code, int) else 1
     except BaseException:

@@ -1,12 +1,12 @@
 import torch
 
 from vlmsens.cell import prepare_samples
-from vlmsens.logs import run_logged
+from vlmsens.logs import run_job
 
 w = snakemake.wildcards
 torch.set_num_threads(snakemake.threads)
-run_logged(
-    snakemake.log[0], f"{snakemake.rule} {w.model}/{w.scope}/{getattr(w, 'size', 'held-out')}", prepare_samples,
+run_job(
+    snakemake, f"{snakemake.rule} {w.model}/{w.scope}/{getattr(w, 'size', 'held-out')}", prepare_samples,
     checkpoint=snakemake.params.checkpoint, calib_db=snakemake.input.db, coco_root=snakemake.params.coco_root,
     scope=w.scope, prompts=snakemake.params.prompts, out_path=snakemake.output.samples,
 )
