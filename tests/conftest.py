@@ -1,7 +1,9 @@
-"""Shared fixtures: a generated COCO tree and tiny checkpoints of both families (built once)."""
+"""Shared fixtures: a generated COCO tree and tiny checkpoints of both families (built once), and
+the rule that a skip in CI is a failure unless it names a missing optional tool."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -11,6 +13,32 @@ REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112
 WORKFLOW_PARTS = ("Snakefile", "rules", "config", "workflow", "docs", "profiles", "envs")
+
+# Tools a machine may lack without the project being broken: a test that cannot run without one
+# skips with a reason starting "needs <tool>". In CI (env CI set) any other skip fails the session,
+# so a missing fixture or dependency cannot pass as a green run.
+OPTIONAL_TOOLS = ("SLURM", "headless Chromium")
+ALLOWED_SKIP_PREFIXES = tuple(f"needs {tool}" for tool in OPTIONAL_TOOLS)
+
+
+def skip_reason(report: pytest.TestReport) -> str:
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if not os.environ.get("CI") or not report.skipped or hasattr(report, "wasxfail"):
+        return
+    reason = skip_reason(report)
+    if not reason.startswith(ALLOWED_SKIP_PREFIXES):
+        report.outcome = "failed"
+        report.longrepr = (
+            f"skipped in CI: {reason!r}\nIn CI a test may skip only for a missing optional tool, with a reason "
+            f"starting with one of {list(ALLOWED_SKIP_PREFIXES)} (tests/conftest.py)."
+        )
 
 
 def load_bench(name: str):

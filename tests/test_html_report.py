@@ -67,7 +67,7 @@ def chrome() -> tuple[str, str]:
     browser, driver = _find_chrome()
     if not (browser and driver):
         if os.geteuid() != 0 or not shutil.which("apt-get"):
-            pytest.skip("headless Chromium missing: install the Debian packages chromium and chromium-driver")
+            pytest.skip("needs headless Chromium: install the Debian packages chromium and chromium-driver")
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         for cmd in (["apt-get", "update", "-qq"],
                     ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium", "chromium-driver"]):

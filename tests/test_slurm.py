@@ -70,10 +70,10 @@ def _why_not_runnable() -> str | None:
 def slurm_cluster():
     reason = _why_not_runnable()
     if reason:
-        pytest.skip(f"SLURM test not run: {reason}")
+        pytest.skip(f"needs SLURM: {reason}")
     proc = subprocess.run(["bash", str(SETUP)], capture_output=True, text=True, timeout=1200)
     if proc.returncode in (77, 78):  # the script's own "cannot run here"
-        pytest.skip(f"SLURM test not run: {proc.stderr.strip().splitlines()[-1]}")
+        pytest.skip(f"needs SLURM: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, f"SLURM cluster set-up failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
 

@@ -204,9 +204,7 @@ def test_bad_config_fails_before_any_job_with_the_key_named(tmp_path, mutate, ex
 
 
 def test_prebuilt_legacy_dbs_without_images_fail_clearly(tmp_path):
-    legacy = REPO.parent / "shared" / "legacy-calib"
-    if not legacy.is_dir():
-        pytest.skip(f"legacy calibration fixture not present at {legacy}")
+    legacy = REPO / "tests" / "data" / "legacy-calib"
     workdir = copy_workflow(tmp_path / "wf")
     coco = _placeholder_coco(tmp_path / "coco")
     config = _demo_config()
