@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,14 @@ REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112
 WORKFLOW_PARTS = ("Snakefile", "rules", "config", "workflow", "docs", "profiles", "envs")
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+DEMO = ["--configfile", "config/demo.yaml", "--replace-workflow-config"]
+# How the tests run the CPU-only demo. Its "GPU" jobs (autoquant, validate) touch no GPU, so the
+# profile's one-GPU limit (`gpu=1`) and their 2 threads would run them one at a time on a 2-core
+# machine, each mostly single-threaded start-up. One thread and one "GPU" per core instead runs one
+# job per core; the rules and profiles users run keep their GPU semantics.
+CORES = max(2, os.cpu_count() or 2)
+CPU_DEMO = ["--cores", str(CORES), "--resources", f"gpu={CORES}", "--set-threads", "autoquant=1", "validate=1"]
 
 # Tools a machine may lack without the project being broken: a test that cannot run without one
 # skips with a reason starting "needs <tool>". In CI (env CI set) any other skip fails the session,
@@ -61,6 +71,24 @@ def copy_workflow(dest: Path) -> Path:
         else:
             shutil.copy(src, dest / part)
     return dest
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([SNAKEMAKE, *args], cwd=workdir, capture_output=True, text=True, env=env, timeout=3600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> tuple[Path, str]:
+    """(workdir, Snakemake's output) of one demo run, shared by the workflow and browser tests.
+
+    Tests that change the run (rerunning a cell) leave it complete again: nothing left to do."""
+    workdir = copy_workflow(tmp_path_factory.mktemp("demo"))
+    proc = snakemake(workdir, *DEMO, *CPU_DEMO)
+    return workdir, proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="session")
