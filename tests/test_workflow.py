@@ -4,7 +4,9 @@ rerunning one cell, and configs that must fail before any job starts."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -133,6 +135,25 @@ def test_rerun_one_cell_runs_exactly_that_cell(demo_run):
     # Nothing is left to do afterwards.
     after = snakemake(workdir, *DEMO, "-n")
     assert "Nothing to be done" in after.stdout + after.stderr
+
+
+def test_out_of_memory_on_the_first_attempt_retries_at_half_the_batch(demo_run, tmp_path):
+    """A real cell whose first AutoQuantize attempt runs out of GPU memory (injected by tests/hooks)."""
+    workdir = tmp_path / "wf"
+    shutil.copytree(demo_run[0], workdir, symlinks=True)  # a finished demo: only the forced cell runs
+    record = tmp_path / "attempts.txt"
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests" / "hooks"), os.environ.get("PYTHONPATH")])),
+           "VLMSENS_TEST_OOM_RECORD": str(record)}
+    cell = Path("results/demo/autoquant/tiny_qwen3_vl/wint8_aint8/lm-only/small")
+    target = str(cell / "quant_manifest.json")
+    run = snakemake(workdir, *DEMO, *CPU_DEMO, "--forcerun", target, "--", target, env=env)
+    assert job_counts(run.stdout + run.stderr) == {"autoquant": 1}
+    # Attempt 1 at the configured batch (4) ran out of memory; attempt 2 ran at half of it.
+    assert record.read_text().splitlines() == ["oom 4", "ran 2"]
+    manifest = json.loads((workdir / target).read_text())
+    assert manifest["config"]["batch_size"] == 2
+    assert (manifest["batches"]["samples"], manifest["batches"]["batches"]) == (8, 4)
+    assert "CUDA out of memory at batch size 4" in run.stdout + run.stderr
 
 
 def test_lint_is_clean(tmp_path):
