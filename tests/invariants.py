@@ -8,6 +8,7 @@ never beaten, a feasible recipe meets its budget), so a wrong number fails whate
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import pytest
@@ -22,6 +23,24 @@ def is_established(doc: dict[str, Any]) -> bool:
     """What the verdict must say: the ranking predicts damage when ρ's interval excludes 0 from above."""
     rho = doc["ablations"]["correlation"]["kl"]["spearman"]
     return not math.isnan(rho["value"]) and rho["ci95"][0] > 0
+
+
+VERDICT_LINE = re.compile(
+    r"ranking predicts damage: ρ = (?P<rho>-?[\d.]+|nan)(?: \[(?P<lo>-?[\d.]+), (?P<hi>-?[\d.]+)\])?, "
+    r"top-k/bottom-k damage ratio = (?:[\d.e+-]+×|undefined \(bottom-k damage is 0\)) "
+    r"\(k = \d+%, (?P<k>\d+) of (?P<n>\d+) groups\)(?P<not>; not established: the ρ interval does not exclude 0)?"
+)
+
+
+def check_verdict_line(line: str) -> re.Match:
+    """A verdict read alone (where its numbers are not at hand): its outcome follows the ρ it quotes."""
+    match = VERDICT_LINE.fullmatch(line)
+    assert match, line
+    lo = float(match["lo"]) if match["lo"] else math.nan
+    if lo != 0.0:  # printed as 0.00: either side of 0
+        established = match["rho"] != "nan" and lo > 0
+        assert (match["not"] is None) == established, line
+    return match
 
 
 def check_validation(doc: dict[str, Any], manifest: dict[str, Any]) -> None:
