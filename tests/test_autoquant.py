@@ -8,6 +8,7 @@ where they must, that scopes mean what they say, and that the outputs carry what
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -141,6 +142,7 @@ def test_fp8_and_int8_raw_scores_differ_per_layer(tiny_checkpoints, subsets, dem
         assert g["selected_format"] in {"wfp8_afp8", "wint8_aint8", "bf16"}
     # ModelOpt's clipped scores are monotone; ours are the raw values it clipped.
     assert any(g["scores_modelopt_clipped"] != g["scores_raw"] for g in result["groups"])
+    check_raw_score_invariants(result)
     selected = {g["selected_format"] for g in result["groups"]}
     assert selected - {"bf16"}, "the solver selected no quantized format at all"
 
@@ -157,14 +159,49 @@ def test_calibration_sizes_give_different_scores(tiny_checkpoints, subsets, demo
     assert sum(s[k] != lg[k] for k in s) == len(s)
 
 
+def check_raw_score_invariants(result):
+    """ModelOpt's clipped score is the running minimum of the raw scores in candidate order (BF16 last);
+    the per-token score is the raw score over the caption tokens, exactly."""
+    loss_tokens = result["batches"]["loss_tokens"]
+    assert loss_tokens > 0
+    for g in result["groups"]:
+        raw, clipped = g["scores_raw"], g["scores_modelopt_clipped"]
+        assert list(clipped) == list(raw)
+        running = math.inf
+        for fmt, score in raw.items():
+            running = min(running, score)
+            assert clipped[fmt] == running, (g["layer"], fmt)
+        assert g["scores_per_token"] == {fmt: score / loss_tokens for fmt, score in raw.items()}
+
+
+def _share_bits(result, group, fmt):
+    """Effective bits one group adds when kept in BF16 instead of ``fmt``."""
+    denominator = sum(g["uncompressed_cost"] for g in result["groups"])
+    return 16.0 * (group["costs"]["bf16"] - group["costs"][fmt]) / denominator
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("scope", ["all-layers", "lm-only"])
-def test_achieved_bits_within_target(tiny_checkpoints, subsets, demo_coco, family, scope):
-    samples = _encoded(tiny_checkpoints[family], subsets["small"], demo_coco, scope)
+def test_achieved_bits_fill_the_target_with_the_most_sensitive_groups(planted, subsets, demo_coco, family, scope):
+    """The solver spends the budget on scores: it reaches the target from below to within the share of
+    the cheapest group it could still have kept in BF16, and keeps the planted group in BF16 when it fits.
+    Quantizing everything (8 bits) meets every target here and fails both checks."""
+    samples = _encoded(planted[family], subsets["small"], demo_coco, scope)
     for bits in (8.25, 9.0, 12.0):
-        search = _cell(tiny_checkpoints[family], family, "wint8_aint8", scope, samples, bits=bits)["search"]
-        assert search["is_satisfied"]
-        assert search["effective_bits_achieved"] <= bits + 1e-9
+        result = _cell(planted[family], family, "wint8_aint8", scope, samples, bits=bits)
+        search = result["search"]
+        check_raw_score_invariants(result)
+        achieved = search["effective_bits_achieved"]
+        assert search["is_satisfied"] and achieved <= bits + 1e-9
+        denominator = sum(g["uncompressed_cost"] for g in result["groups"])
+        assert achieved == pytest.approx(16.0 * sum(g["costs"][g["selected_format"]] for g in result["groups"]) / denominator)
+        quantized = [g for g in result["groups"] if g["selected_format"] != "bf16"]
+        cheapest = min(_share_bits(result, g, "wint8_aint8") for g in quantized)
+        assert bits - achieved < cheapest, (bits, achieved, cheapest)
+        fragile = next(g for g in result["groups"] if g["layer"] == FRAGILE_TEXT)
+        if 8.0 + _share_bits(result, fragile, "wint8_aint8") <= bits:
+            assert fragile["selected_format"] == "bf16", (bits, fragile["costs"])
+    assert fragile["selected_format"] == "bf16"  # at 12 bits it fits
 
 
 def test_lm_only_keeps_vision_out_of_the_budget(tiny_checkpoints, subsets, demo_coco):
@@ -179,13 +216,22 @@ def test_lm_only_keeps_vision_out_of_the_budget(tiny_checkpoints, subsets, demo_
     assert all(g["selected_format"] == "wint8_aint8" for g in all8["groups"])
 
 
-def test_kl_div_method_reaches_modelopt(tiny_checkpoints, subsets, demo_coco, tmp_path):
+def test_kl_div_method_scores_the_planted_layer_first(planted, subsets, demo_coco, tmp_path):
     family = "qwen3_vl"
     state = tmp_path / "state.pt"
-    result = _cell(tiny_checkpoints[family], family, "wint8_aint8", "lm-only",
-                   _encoded(tiny_checkpoints[family], subsets["small"], demo_coco, "lm-only"), method="kl_div", state_path=str(state))
+    samples = _encoded(planted[family], subsets["small"], demo_coco, "lm-only")
+    result = _cell(planted[family], family, "wint8_aint8", "lm-only", samples, method="kl_div", state_path=str(state))
     assert result["search"]["method"] == "kl_div"
     assert torch.load(state, weights_only=False)["method"] == "kl_div"
+    check_raw_score_invariants(result)
+    ranking = _ranking(result, "wint8_aint8")
+    assert ranking[0] == FRAGILE_TEXT
+    assert ranking.index(ROBUST_TEXT) >= len(ranking) // 2
+    kl = {g["layer"]: g["scores_raw"]["wint8_aint8"] for g in result["groups"]}
+    assert all(math.isfinite(v) for v in kl.values())
+    # Not the gradient method's numbers under another name.
+    gradient = _cell(planted[family], family, "wint8_aint8", "lm-only", samples)
+    assert kl != {g["layer"]: g["scores_raw"]["wint8_aint8"] for g in gradient["groups"]}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

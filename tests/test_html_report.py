@@ -4,10 +4,11 @@ The page must load without JavaScript errors, list one category per model (plus 
 with two model families, the family comparison), carry every report item the rules declare, and
 show a plot and a table when clicked.
 
-Cost: by default a reduced demo (one model, 2 formats × 2 scopes × 2 sizes = 8 cells) runs in a
-temporary copy of the workflow (~2-3 min on 2 cores). Set ``VLMSENS_DEMO_WORKDIR`` to a folder
-where the demo already ran (the repository root after ``make demo``) to reuse it instead: only
-missing or outdated outputs are made there (``--rerun-triggers mtime``), then the report is built.
+Cost: the report is built from the session's demo run (the `demo_run` fixture of conftest.py,
+shared with tests/test_workflow.py), so this file adds only the report and the browser. Set
+``VLMSENS_DEMO_WORKDIR`` to a folder where the demo already ran (the repository root after
+``make demo``) to reuse it instead: only missing or outdated outputs are made there
+(``--rerun-triggers mtime``), then the report is built.
 
 Chromium: Debian packages ``chromium`` and ``chromium-driver``; installed with apt-get when
 missing and running as root (CI), otherwise the test is skipped.
@@ -18,7 +19,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -26,10 +26,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import copy_workflow
+from conftest import CPU_DEMO, DEMO, snakemake
 
-REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 DEMO_ENV = "VLMSENS_DEMO_WORKDIR"
 CHROME_ARGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
@@ -67,7 +65,7 @@ def chrome() -> tuple[str, str]:
     browser, driver = _find_chrome()
     if not (browser and driver):
         if os.geteuid() != 0 or not shutil.which("apt-get"):
-            pytest.skip("headless Chromium missing: install the Debian packages chromium and chromium-driver")
+            pytest.skip("needs headless Chromium: install the Debian packages chromium and chromium-driver")
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         for cmd in (["apt-get", "update", "-qq"],
                     ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium", "chromium-driver"]):
@@ -108,47 +106,19 @@ def browser(chrome):
 # A demo run and its report
 
 
-def _snakemake(workdir: Path, *args: str) -> str:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([SNAKEMAKE, *args], cwd=workdir, capture_output=True, text=True, env=env, timeout=3600)
-    if proc.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return proc.stdout + proc.stderr
-
-
-def _small_config() -> dict:
-    """The demo config cut to one model × 2 formats × 2 scopes × 2 sizes, with an infeasible budget."""
-    config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
-    config["outdir"] = "results/report-test"
-    config["grid"]["models"] = ["tiny_qwen3_vl"]
-    config["models"] = {"tiny_qwen3_vl": config["models"]["tiny_qwen3_vl"]}
-    config["grid"]["sizes"] = ["small", "medium"]
-    config["sizes"] = {"small": 4, "medium": 8}
-    config["coco"]["demo"] = {**config["coco"]["demo"], "train_images": 16, "val_images": 8}
-    config["coco"]["eval_images"] = 4
-    config["report"] = {"budgets": [7.5, 8.5]}
-    return config
-
-
 @pytest.fixture(scope="module")
-def demo_report(tmp_path_factory, chrome) -> tuple[Path, dict]:
-    """(report.html, the config it was made from)."""
+def demo_report(tmp_path_factory, chrome, request) -> tuple[Path, dict]:
+    """(report.html, the config it was made from), from the session's demo run or a reused one."""
     out = tmp_path_factory.mktemp("html_report")
     reused = os.environ.get(DEMO_ENV)
-    cores = str(max(2, os.cpu_count() or 2))
     if reused:
         workdir = Path(reused).resolve()
-        config_args = ["--configfile", "config/demo.yaml", "--replace-workflow-config"]
-        config = yaml.safe_load((workdir / "config" / "demo.yaml").read_text())
-        _snakemake(workdir, *config_args, "--cores", cores, "--rerun-triggers", "mtime")
+        snakemake(workdir, *DEMO, *CPU_DEMO, "--rerun-triggers", "mtime")
     else:
-        workdir = copy_workflow(out / "workflow")
-        config = _small_config()
-        (workdir / "config" / "report-test.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        config_args = ["--configfile", "config/report-test.yaml", "--replace-workflow-config"]
-        _snakemake(workdir, *config_args, "--cores", cores)
+        workdir, _ = request.getfixturevalue("demo_run")  # after `chrome`: no demo run when the browser skips
+    config = yaml.safe_load((workdir / "config" / "demo.yaml").read_text())
     report = out / "report.html"
-    _snakemake(workdir, *config_args, "--report", str(report))
+    snakemake(workdir, *DEMO, "--report", str(report))
     assert report.stat().st_size > 100_000
     return report, config
 

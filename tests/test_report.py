@@ -10,12 +10,14 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+from invariants import check_recipes
 
 from vlmsens import recipes as rc
 from vlmsens.reports import depth_profile as depth
 from vlmsens.reports import doc, frames, heatmap, recipe_summary, stats, towers
 from vlmsens.reports import format_comparison as fmt_cmp
 from vlmsens.reports import rank_stability as stability
+from vlmsens.reports import report as report_page
 from vlmsens.reports import scope_comparison as scope_cmp
 from vlmsens.reports.recipes import write_cell_recipes
 
@@ -432,8 +434,39 @@ def test_write_cell_recipes_without_state(tmp_path):
     parsed = yaml.safe_load((tmp_path / "eb8.5" / "ignore.yaml").read_text())
     assert parsed["ignore"] == out[2]["ignore"]
     assert "INFEASIBLE" in (tmp_path / "recipes.md").read_text()
+    check_recipes(payload, manifest, (tmp_path / "recipes.md").read_text())
     frame = recipe_summary.recipes_frame([tmp_path / "recipes.json"])
     assert len(frame) == 5 and frame["feasible"].sum() == 4
+    assert list(frame["achieved_bits"]) == [r["achieved_bits"] for r in out]
+    assert list(frame["groups_bf16"]) == [r["groups_bf16"] for r in out]
+    assert list(frame["milp_agrees"]) == [r["cross_check"]["agrees"] for r in out]
+
+
+def test_layer_and_summary_frames_carry_the_manifests_numbers():
+    groups = [
+        _group("a", ["a"], "text", {"bf16": 100.0, "int8": 50.0}, {"int8": 3e-4}, "bf16"),
+        _group("b", ["b"], "vision", {"bf16": 300.0, "int8": 150.0}, {"int8": 1e-4}, "int8"),
+        _group("c", ["c"], "head", {"bf16": 200.0, "int8": 100.0}, {"int8": 2e-4}, "int8"),
+    ]
+    manifest = _manifest(groups)
+    manifest.update(batches={"samples": 8, "loss_tokens": 100}, timings_s={"load": 1.0, "score": 2.5}, device={"name": "cpu"})
+    manifest["search"]["is_satisfied"] = True
+    layers = frames.layers_frame([manifest])
+    assert list(layers["layer"]) == ["a", "c", "b"]  # most sensitive (per caption token) first
+    assert list(layers["rank"]) == [1, 2, 3]
+    assert list(layers["sensitivity"]) == pytest.approx([3e-6, 2e-6, 1e-6])
+    assert list(layers["sensitivity_raw"]) == [3e-4, 2e-4, 1e-4]
+    assert list(layers["num_bits"]) == [16.0, 8.0, 8.0]
+    assert list(layers["kept_bf16"]) == [True, False, False]
+    assert list(layers["uncompressed_cost"]) == [100.0, 200.0, 300.0]
+    assert list(layers["tower"]) == ["text", "head", "vision"]
+    assert set(layers["model"]) == {"m"} and set(layers["format"]) == {"int8"}
+    summary = report_page.summary_frame([manifest])
+    assert len(summary) == 1
+    row = summary.iloc[0]
+    assert row["bits_achieved"] == round(16 * (100 + 100 + 150) / 600, 4)
+    assert (row["samples"], row["caption_tokens"], row["groups_searched"], row["groups_kept_bf16"]) == (8, 100, 3, 1)
+    assert row["top_layer"] == "a" and row["wall_s"] == 3.5 and row["satisfied"]
 
 
 # =============================================================================================

@@ -1,4 +1,9 @@
-"""The demo grid through a real SLURM cluster: `snakemake --profile profiles/slurm`, end to end.
+"""A small demo grid through a real SLURM cluster: `snakemake --profile profiles/slurm`, end to end.
+
+The grid (SLURM_GRID): one model, two formats, one scope, one size: two AutoQuant cells, which
+SLURM runs at once, one on each fake GPU, and two validations, with every other rule of the
+workflow once. The full 24-cell demo runs locally in tests/test_workflow.py; here the subject is the
+executor, which two cells exercise as well as 24 (and in minutes instead of ~14).
 
 tests/slurm/setup_cluster.sh brings up (idempotently) a one-node SLURM cluster on this machine from
 the Debian packages slurm-wlm and munge: slurmctld + slurmd, authenticated by munge, installing the
@@ -34,6 +39,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -42,7 +48,8 @@ from conftest import copy_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 SETUP = ROOT / "tests" / "slurm" / "setup_cluster.sh"
-N_CELLS = 24
+SLURM_GRID = {"models": ["tiny_qwen3_vl"], "formats": ["wfp8_afp8", "wint8_aint8"], "scopes": ["all-layers"], "sizes": ["small"]}
+N_CELLS = 2
 CELL_FILES = ["per-layer-sensitivity.json", "per-layer-sensitivity.md", "quant_manifest.json", "autoquant_state.pt"]
 
 # Overrides of profiles/slurm/config.yaml for the one small CPU node (see the module docstring).
@@ -70,10 +77,10 @@ def _why_not_runnable() -> str | None:
 def slurm_cluster():
     reason = _why_not_runnable()
     if reason:
-        pytest.skip(f"SLURM test not run: {reason}")
+        pytest.skip(f"needs SLURM: {reason}")
     proc = subprocess.run(["bash", str(SETUP)], capture_output=True, text=True, timeout=1200)
     if proc.returncode in (77, 78):  # the script's own "cannot run here"
-        pytest.skip(f"SLURM test not run: {proc.stderr.strip().splitlines()[-1]}")
+        pytest.skip(f"needs SLURM: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, f"SLURM cluster set-up failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
 
@@ -92,6 +99,29 @@ def _test_profile(workdir: Path) -> Path:
     return folder
 
 
+def _small_grid_config(workdir: Path) -> Path:
+    """config/demo.yaml cut to SLURM_GRID, with a calibration set and COCO tree to match."""
+    config = yaml.safe_load((workdir / "config" / "demo.yaml").read_text())
+    config["grid"] = dict(SLURM_GRID)
+    config["models"] = {m: config["models"][m] for m in SLURM_GRID["models"]}
+    config["sizes"] = {"small": 4}
+    config["coco"]["demo"] = {**config["coco"]["demo"], "train_images": 16, "val_images": 8}
+    config["coco"]["eval_images"] = 4
+    path = workdir / "config" / "slurm-test.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ", re.M)
+
+
+def _log_interval(text: str) -> tuple[datetime, datetime]:
+    """First and last time stamp of a job log."""
+    stamps = [datetime.strptime(s, "%Y-%m-%d %H:%M:%S,%f") for s in LOG_TIME.findall(text)]
+    assert stamps, "a job log without time stamps"
+    return stamps[0], stamps[-1]
+
+
 def _job_stats(output: str) -> Counter:
     """Snakemake's 'Job stats' table: jobs per rule."""
     table = output.split("Job stats:", 1)[1]
@@ -105,15 +135,15 @@ def _job_stats(output: str) -> Counter:
     return counts
 
 
-@pytest.mark.timeout(3600)  # ~14 min on 2 CPUs for the 136 demo jobs; the suite default is 1800 s
-def test_demo_grid_through_slurm(slurm_cluster, tmp_path, capsys):
+def test_small_grid_through_slurm(slurm_cluster, tmp_path, capsys):
     workdir = copy_workflow(tmp_path / "vlmsens")
     profile = _test_profile(workdir)
+    config = _small_grid_config(workdir)
 
     # --workflow-profile none: profiles/default (one machine, `resources: gpu=1`) would otherwise be
-    # layered over the SLURM profile and run the 24 GPU cells one at a time (README, "Beyond one GPU").
+    # layered over the SLURM profile and run the GPU cells one at a time (README, "Beyond one GPU").
     cmd = [sys.executable, "-m", "snakemake", "--profile", str(profile.relative_to(workdir)), "--workflow-profile", "none",
-           "--configfile", "config/demo.yaml", "--replace-workflow-config"]
+           "--configfile", str(config.relative_to(workdir)), "--replace-workflow-config"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "CUDA_VISIBLE_DEVICES"}
     t0 = time.monotonic()
     run = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=3300)
@@ -142,7 +172,7 @@ def test_demo_grid_through_slurm(slurm_cluster, tmp_path, capsys):
     done = {line.split("|")[0] for line in completion.splitlines() if line.endswith("|COMPLETED")}
     assert done == set(job_ids), f"sacct --completion misses {set(job_ids) - done}"
 
-    # The 24 cells, the reports, and each cell on the GPU SLURM gave it.
+    # The cells, the reports, and each cell on the GPU SLURM gave it.
     out = workdir / "results" / "demo"
     cells = sorted(out.glob("autoquant/*/*/*/*"))
     assert len(cells) == N_CELLS
@@ -153,14 +183,18 @@ def test_demo_grid_through_slurm(slurm_cluster, tmp_path, capsys):
     logs = sorted((out / "logs" / "autoquant").rglob("*.log"))
     assert len(logs) == N_CELLS
     devices = Counter()
+    intervals = []
     for log in logs:
-        m = re.search(r"GPU slot: SLURM job (\d+), using the GPU\(s\) SLURM allocated: CUDA_VISIBLE_DEVICES=(\S+)",
-                      log.read_text())
+        text = log.read_text()
+        m = re.search(r"GPU slot: SLURM job (\d+), using the GPU\(s\) SLURM allocated: CUDA_VISIBLE_DEVICES=(\S+)", text)
         assert m, f"{log} does not show the SLURM GPU allocation"
         assert m.group(1) in job_ids
         devices[m.group(2)] += 1
-    # Cells ran side by side on both (fake) GPUs: nothing serialises the GPU jobs on the Snakemake side.
-    assert set(devices) == {"0", "1"}, devices
+        intervals.append(_log_interval(text))
+    # The two cells ran at once, one on each (fake) GPU: nothing serialises the GPU jobs on the Snakemake side.
+    assert devices == Counter({"0": 1, "1": 1}), devices
+    (start_a, end_a), (start_b, end_b) = intervals
+    assert max(start_a, start_b) < min(end_a, end_b), f"the two cells did not overlap: {intervals}"
     validate_logs = sorted((out / "logs" / "validate").rglob("*.log"))
     assert len(validate_logs) == N_CELLS and len(list(out.glob("autoquant/*/*/*/*/validation.json"))) == N_CELLS
     for log in validate_logs:
@@ -169,7 +203,7 @@ def test_demo_grid_through_slurm(slurm_cluster, tmp_path, capsys):
     assert len(sbatch_logs) == N_CELLS
 
     with capsys.disabled():
-        print(f"\n[test_slurm] demo grid through SLURM: {len(job_ids)} sbatch jobs "
+        print(f"\n[test_slurm] {SLURM_GRID} through SLURM: {len(job_ids)} sbatch jobs "
               f"({', '.join(f'{r} {n}' for r, n in sorted(per_rule.items()))}), all COMPLETED; "
               f"{N_CELLS} cells; fake-GPU allocations {dict(sorted(devices.items()))}; "
               f"overrides for the CPU node: autoquant {AUTOQUANT_OVERRIDES}, status command squeue; "

@@ -1,0 +1,135 @@
+"""Checks that a cell's validation and recipes are the numbers they claim to be.
+
+Each check recomputes what a file states from the cell's manifest (the ranking, the bits of a
+selection, the ratios, the verdict) or tests a property the numbers must have (the exact MILP is
+never beaten, a feasible recipe meets its budget), so a wrong number fails whatever the model.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import pytest
+
+from vlmsens.recipes import SCORE_RTOL, bits_of, bits_range, score_of
+from vlmsens.validation import k_of, ranked_groups, ratio, stratified_positions, verdict
+
+MEASURES = ("kl", "loss_increase")
+
+
+def is_established(doc: dict[str, Any]) -> bool:
+    """What the verdict must say: the ranking predicts damage when ρ's interval excludes 0 from above."""
+    rho = doc["ablations"]["correlation"]["kl"]["spearman"]
+    return not math.isnan(rho["value"]) and rho["ci95"][0] > 0
+
+
+VERDICT_LINE = re.compile(
+    r"ranking predicts damage: ρ = (?P<rho>-?[\d.]+|nan)(?: \[(?P<lo>-?[\d.]+), (?P<hi>-?[\d.]+)\])?, "
+    r"top-k/bottom-k damage ratio = (?:[\d.e+-]+×|undefined \(bottom-k damage is 0\)) "
+    r"\(k = \d+%, (?P<k>\d+) of (?P<n>\d+) groups\)(?P<not>; not established: the ρ interval does not exclude 0)?"
+)
+
+
+def check_verdict_line(line: str) -> re.Match:
+    """A verdict read alone (where its numbers are not at hand): its outcome follows the ρ it quotes."""
+    match = VERDICT_LINE.fullmatch(line)
+    assert match, line
+    lo = float(match["lo"]) if match["lo"] else math.nan
+    if lo != 0.0:  # printed as 0.00: either side of 0
+        established = match["rho"] != "nan" and lo > 0
+        assert (match["not"] is None) == established, line
+    return match
+
+
+def check_validation(doc: dict[str, Any], manifest: dict[str, Any]) -> None:
+    fmt = doc["ranking_format"]
+    ranked = [g["layer"] for g in ranked_groups(manifest, fmt)]
+    assert doc["n_groups"] == len(ranked)
+    # The verdict line is the numbers' own, and its outcome follows ρ's interval.
+    assert doc["verdict"] == verdict(doc)
+    assert ("not established" not in doc["verdict"]) == is_established(doc), doc["verdict"]
+
+    for row in doc["top_k"]:
+        k = row["k"]
+        assert k == k_of(row["fraction"], len(ranked))
+        assert row["top"]["groups"] == ranked[:k] and row["bottom"]["groups"] == ranked[-k:]
+        assert len(row["random"]["draws"]) == doc["settings"]["random_draws"]
+        for m in MEASURES:
+            assert row["ratio_top_bottom"][m] == ratio(row["top"][m], row["bottom"][m])
+            assert row["random"]["mean"][m] == pytest.approx(sum(d[m] for d in row["random"]["draws"]) / k_draws(row))
+
+    rows = doc["ablations"]["rows"]
+    positions = stratified_positions(len(ranked), doc["settings"]["ablation_groups"])
+    assert [r["layer"] for r in rows] == [ranked[p] for p in positions]
+    assert [r["rank"] for r in rows] == [p + 1 for p in positions]
+    by_layer = {g["layer"]: g for g in manifest["groups"]}
+    for r in rows:
+        assert r["predicted_score"] == by_layer[r["layer"]]["scores_raw"][fmt]
+        assert r["predicted_score_per_token"] == by_layer[r["layer"]]["scores_per_token"][fmt]
+
+    e2e = doc["end_to_end"]
+    assert e2e["budget_bits"] == manifest["search"]["effective_bits_target"]
+    selected = {g["layer"]: g["selected_format"] for g in manifest["groups"]}
+    assert e2e["recipe"]["bits"] == pytest.approx(bits_of(manifest, selected), abs=1e-9)
+    assert e2e["recipe"]["bits"] <= e2e["budget_bits"] + 1e-9
+    assert e2e["recipe"]["quantized_groups"] == sum(v != "bf16" for v in selected.values())
+    assert e2e["uniform"]["quantized_groups"] == len(ranked)
+    assert e2e["uniform"]["bits"] == pytest.approx(bits_of(manifest, dict.fromkeys(ranked, fmt)), abs=1e-9)
+    draws = e2e["random_same_budget"]["draws"]
+    assert len(draws) == doc["settings"]["random_draws"]
+    assert all(d["bits"] <= e2e["recipe"]["bits"] + 1e-9 for d in draws)
+    assert e2e["random_same_budget"]["recipe_beats"] == sum(d["kl"] > e2e["recipe"]["kl"] for d in draws)
+    assert e2e["recipe_vs_uniform_kl"] == ratio(e2e["recipe"]["kl"], e2e["uniform"]["kl"])
+
+    # Every configuration the file reports was measured, and nothing else.
+    n_draws = doc["settings"]["random_draws"]
+    expected = len(doc["top_k"]) * (2 + n_draws) + len(rows) + 2 + n_draws
+    assert doc["eval"]["configurations_measured"] == expected
+
+
+def k_draws(row: dict[str, Any]) -> int:
+    return len(row["random"]["draws"])
+
+
+def agreement_line(check: dict[str, Any]) -> str | None:
+    """The words the recipes page must carry for a cross-check that disagrees (None when it agrees)."""
+    if check["agrees"]:
+        return None
+    gap = check["score_gap_rel"]
+    if gap > 0:
+        return f"no: ModelOpt's pick scores {gap:+.3%} above the exact optimum"
+    return f"no: the MILP's pick scores {-gap:+.3%} above ModelOpt's"
+
+
+def check_recipes(payload: dict[str, Any], manifest: dict[str, Any], page: str) -> list[dict[str, Any]]:
+    """Checks one cell's recipes.json against its manifest and its recipes.md; returns the disagreements."""
+    assert [r["budget_bits"] for r in payload["recipes"]] == payload["budgets"]
+    low, high = bits_range(manifest)
+    disagreements = []
+    for r in payload["recipes"]:
+        selection = r["selection"]
+        assert set(selection) == {g["layer"] for g in manifest["groups"]}
+        assert r["achieved_bits"] == pytest.approx(bits_of(manifest, selection), abs=1e-9)
+        assert r["predicted_score"] == pytest.approx(score_of(manifest, selection), rel=1e-12, abs=0)
+        assert r["kept_bf16"] == [layer for layer, fmt in selection.items() if fmt == "bf16"]
+        check = r["cross_check"]
+        if r["feasible"]:
+            assert r["within_budget"] and r["achieved_bits"] <= r["budget_bits"] * (1 + 1e-9), r
+            assert check["milp_achieved_bits"] <= r["budget_bits"] * (1 + 1e-9)
+        else:
+            # Infeasible: the budget is below the fewest bits; the most compressed recipe ships.
+            assert r["budget_bits"] < low and r["achieved_bits"] == pytest.approx(low) and not r["within_budget"]
+        assert low - 1e-9 <= r["achieved_bits"] <= high + 1e-9
+        milp = check["milp_predicted_score"]
+        gap = (r["predicted_score"] - milp) / milp if milp else (0.0 if r["predicted_score"] == milp else math.inf)
+        assert check["score_gap_rel"] == pytest.approx(gap, rel=1e-9, abs=1e-15)
+        # The MILP is exact: no recipe of the same budget scores below it beyond the solvers' tolerance.
+        assert check["score_gap_rel"] >= -SCORE_RTOL, check
+        assert check["agrees"] == (check["same_selection"] or abs(check["score_gap_rel"]) <= SCORE_RTOL)
+        line = agreement_line(check)
+        if line is not None:
+            assert line in page, f"{r['cell']} at {r['budget_bits']} bits: the page does not say {line!r}"
+            disagreements.append(r)
+    return disagreements
