@@ -11,12 +11,19 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, fake_checkpoint
+from snakemake.utils import validate
 
-from vlmsens.config import check_config
+from vlmsens import config as vlmsens_config
 from vlmsens.errors import VlmsensError
 
 LEGACY = REPO / "tests" / "data" / "legacy-calib"
+
+
+def check_config(config: dict, **kwargs) -> None:
+    """As the Snakefile runs it: the schema first (it fills the defaults), then the checks after it."""
+    validate(config, str(REPO / "config" / "schema.yaml"))
+    vlmsens_config.check_config(config, **kwargs)
 
 
 def demo_config() -> dict:
@@ -28,12 +35,11 @@ def real_config(tmp_path: Path) -> dict:
     config = demo_config()
     coco = tmp_path / "coco"
     (coco / "annotations").mkdir(parents=True)
+    images = ", ".join(f'{{"id": {i}, "file_name": "{i:012d}.jpg"}}' for i in range(20))
     for split in ("train2017", "val2017"):
-        (coco / "annotations" / f"captions_{split}.json").write_text('{"images": [], "annotations": []}')
+        (coco / "annotations" / f"captions_{split}.json").write_text(f'{{"images": [{images}], "annotations": []}}')
     config["coco"] = {"root": str(coco), "calib_split": "train2017", "eval_split": "val2017", "eval_images": 12}
-    checkpoint = tmp_path / "ckpt"
-    checkpoint.mkdir()
-    (checkpoint / "config.json").write_text("{}")
+    checkpoint = fake_checkpoint(tmp_path / "ckpt", "qwen3_vl")
     config["models"]["tiny_qwen3_vl"] = {"family": "qwen3_vl", "checkpoint": str(checkpoint)}
     return config
 
@@ -64,7 +70,7 @@ CASES = {
 }
 REAL_CASES = {
     "checkpoint-without-config-json": (lambda c, tmp: (tmp / "ckpt" / "config.json").unlink(),
-                                       "is not a checkpoint folder (no config.json there)"),
+                                       "is a folder but not a checkpoint (no config.json"),
     "no-coco-root": (lambda c, _: c["coco"].pop("root"), "coco.root is not set"),
     "coco-root-missing": (lambda c, tmp: _nested_set(c, str(tmp / "nowhere"), "coco", "root"), "does not exist"),
     "no-annotations": (lambda c, tmp: (tmp / "coco" / "annotations" / "captions_val2017.json").unlink(),
