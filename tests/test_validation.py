@@ -224,7 +224,7 @@ def test_evaluator_measures_kl_from_bf16_to_quantized(monkeypatch):
     """Known distributions: KL(P_bf16 ‖ Q_quantized) per caption token, not the reverse, and the loss change."""
     import torch
 
-    from vlmsens import autoquant
+    from vlmsens import validation
     from vlmsens.validation import Evaluator
 
     targets = torch.tensor([0, 2, 1])
@@ -233,7 +233,7 @@ def test_evaluator_measures_kl_from_bf16_to_quantized(monkeypatch):
         logits = torch.tensor([[3.0, 0.0, -2.0], [0.5, 0.5, 0.0], [1.0, -1.0, 2.0]])
 
     model = Model()
-    monkeypatch.setattr(autoquant, "caption_logits", lambda m, batch: (m.logits.clone(), targets))
+    monkeypatch.setattr(validation, "caption_logits", lambda m, batch: (m.logits.clone(), targets))
     evaluator = Evaluator(model, [{}])
     bf16_loss = evaluator.set_reference()
     assert bf16_loss == pytest.approx(float(torch.nn.functional.cross_entropy(Model.logits, targets)))
@@ -270,7 +270,7 @@ def test_all_bf16_selection_does_no_damage_on_the_search_model(tiny_checkpoints,
                     formats=resolve_format("wint8_aint8", format_registry({})), scope="lm-only", size="small",
                     effective_bits=8.5, batch_size=4, device="cpu")
     clock = PhaseClock(lambda _: None)
-    model, calib, device, dtype = load_cell_model(spec, load_samples(paths["calib"])[0], clock)
+    model, calib, device, dtype, _ = load_cell_model(spec, load_samples(paths["calib"])[0], clock)
     model, state, _, _ = search(model, spec, calib, clock, num_score_steps=1)
     layers = [name.removesuffix(".quant_recipe") for name, stat in state["candidate_stats"].items() if len(stat["formats"]) > 1]
     switch = RecipeSwitch(model, spec.formats, layers)

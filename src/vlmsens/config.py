@@ -164,7 +164,7 @@ def check_not_merged(config: dict[str, Any]) -> None:
             )
 
 
-def check_config(config: dict[str, Any], *, check_paths: bool = True) -> None:
+def check_config(config: dict[str, Any], *, check_paths: bool = True, check_merged: bool = True) -> None:
     """Raise VlmsensError naming the first bad key; the schema has already run.
 
     Expands ``~`` in the config's paths in place, and with ``check_paths`` runs the preflight of
@@ -172,7 +172,8 @@ def check_config(config: dict[str, Any], *, check_paths: bool = True) -> None:
     """
     expand_paths(config)
     grid = config["grid"]
-    check_not_merged(config)
+    if check_merged:
+        check_not_merged(config)
     for model in grid["models"]:
         if model not in config["models"]:
             raise VlmsensError(f"grid.models names {model!r}, which is not a key of 'models' (known: {sorted(config['models'])})")
