@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .batches import IGNORE_INDEX, batch_stats, make_batches, plan_batch_size
+from .batches import IGNORE_INDEX, batch_stats, largest_batch_shape, make_batches, plan_batch_size
 from .calibration import install as install_calibrators
 from .errors import VlmsensError
 from .families import Family, block_index, sublayer_of, tower_of
@@ -217,17 +217,6 @@ def batch_plan(spec: CellSpec, model, samples: list[dict], device: str) -> dict[
             "predicted_peak_gib": round(predicted, 3), "halvings": spec.batch_halvings,
             "reason": f"batch size {size} (auto: predicted peak {predicted:.1f} GiB reserved within {source}, "
                       f"{MEMORY_MARGIN_GIB:g} GiB kept free" + (f", budget halved {spec.batch_halvings}× after out-of-memory" if spec.batch_halvings else "") + ")"}
-
-
-def largest_batch_shape(samples: list[dict], batch_size: int) -> dict[str, int]:
-    """Padded tokens and patches of the batch with the most of both, as make_batches forms them (fits the memory model)."""
-    order = sorted(samples, key=lambda s: s["input_ids"].shape[0])
-    shapes = []
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        shapes.append({"padded_tokens": len(chunk) * max(int(s["input_ids"].shape[0]) for s in chunk),
-                       "patches": sum(int(s["pixel_values"].shape[0]) for s in chunk if "pixel_values" in s)})
-    return max(shapes, key=lambda d: (d["padded_tokens"] + d["patches"], d["patches"]))
 
 
 def _resident_bytes(model, device: str) -> float:

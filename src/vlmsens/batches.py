@@ -18,7 +18,7 @@ from typing import Any
 
 from .calib import CalibSample
 from .errors import VlmsensError
-from .families import MemoryModel
+from .families import MemoryModel, batch_shape
 from .io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -125,15 +125,23 @@ def collate(samples: list[dict], pad_token_id: int) -> dict:
     return batch
 
 
-def make_batches(samples: list[dict], batch_size: int, pad_token_id: int) -> list[dict]:
-    """Batches of similar length (stable sort by length), so padding stays small; deterministic."""
+def length_buckets(samples: list[dict], batch_size: int) -> list[list[dict]]:
+    """The samples in batches of similar length (stable sort by length): how every cell batches them."""
     if batch_size <= 0:
         raise VlmsensError(f"batch size must be positive, got {batch_size}")
-    order = sorted(range(len(samples)), key=lambda i: samples[i]["input_ids"].shape[0])
-    return [
-        collate([samples[i] for i in order[start : start + batch_size]], pad_token_id)
-        for start in range(0, len(order), batch_size)
-    ]
+    ordered = sorted(samples, key=lambda s: s["input_ids"].shape[0])
+    return [ordered[start : start + batch_size] for start in range(0, len(ordered), batch_size)]
+
+
+def make_batches(samples: list[dict], batch_size: int, pad_token_id: int) -> list[dict]:
+    """Batches of similar length, so padding stays small; deterministic."""
+    return [collate(bucket, pad_token_id) for bucket in length_buckets(samples, batch_size)]
+
+
+def largest_batch_shape(samples: list[dict], batch_size: int) -> dict[str, int]:
+    """Padded tokens and patches of the batch with the most of both (what the memory model is fitted on)."""
+    shapes = [batch_shape(bucket) for bucket in length_buckets(samples, batch_size)]
+    return max(shapes, key=lambda d: (d["padded_tokens"] + d["patches"], d["patches"]))
 
 
 def plan_batch_size(samples: list[dict], model: MemoryModel, budget_bytes: float, max_batch: int | None = None) -> tuple[int, float]:
@@ -141,11 +149,9 @@ def plan_batch_size(samples: list[dict], model: MemoryModel, budget_bytes: float
     of activation memory; returns it with the predicted bytes of its largest batch. At least 1."""
     if not samples:
         raise VlmsensError("no samples to plan batches for")
-    order = sorted(range(len(samples)), key=lambda i: samples[i]["input_ids"].shape[0])
-    ordered = [samples[i] for i in order]
 
     def largest(batch: int) -> float:
-        return max(model.batch_bytes(ordered[start:start + batch]) for start in range(0, len(ordered), batch))
+        return max(model.batch_bytes(bucket) for bucket in length_buckets(samples, batch))
 
     best, best_bytes = 1, largest(1)
     for batch in range(2, min(len(samples), max_batch or len(samples)) + 1):

@@ -49,9 +49,15 @@ class MemoryModel:
     bytes_per_patch: float
 
     def batch_bytes(self, samples: list[dict]) -> float:
-        padded = len(samples) * max(int(s["input_ids"].shape[0]) for s in samples)
-        patches = sum(int(s["pixel_values"].shape[0]) for s in samples if "pixel_values" in s)
-        return padded * self.bytes_per_token + patches * self.bytes_per_patch
+        shape = batch_shape(samples)
+        return shape["padded_tokens"] * self.bytes_per_token + shape["patches"] * self.bytes_per_patch
+
+
+def batch_shape(samples: list[dict]) -> dict[str, int]:
+    """What a batch of these samples costs in memory: its padded tokens and its image patches."""
+    return {"padded_tokens": len(samples) * max(int(s["input_ids"].shape[0]) for s in samples),
+            "patches": sum(int(s["pixel_values"].shape[0]) for s in samples if "pixel_values" in s)}
+
 
 # Sublayer type of a group from its module names, first match wins (the Qwen-VL naming).
 QWEN_SUBLAYER_RULES = (

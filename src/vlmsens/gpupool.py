@@ -40,7 +40,7 @@ from pathlib import Path
 
 from . import worker
 from .errors import AlreadyReported, VlmsensError
-from .logs import run_job
+from .logs import job_attempt, run_job
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +272,6 @@ def run_gpu_job(smk, prefix: str, func, **kwargs):
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.abspath(smk.params.extensions_cache))
     # Large ragged batches fragment the caching allocator (a quarter of the peak on an H100, bench/RESULTS.md).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    attempt = int(getattr(smk.resources, "attempt", 1) or 1)
 
     def in_slot(progress, **job_kwargs):
         # Pinned through CUDA_VISIBLE_DEVICES before torch loads; SLURM's allocation under SLURM.
@@ -280,7 +279,7 @@ def run_gpu_job(smk, prefix: str, func, **kwargs):
             if worker.enabled():
                 try:
                     code = worker.run_job(worker.address_for(smk.params.gpu_locks), func, job_kwargs, log_path=smk.log[0],
-                                          prefix=prefix, threads=smk.threads, attempt=attempt,
+                                          prefix=prefix, threads=smk.threads, attempt=job_attempt(smk),
                                           inputs={k: str(v) for k, v in smk.input.items()})
                 except worker.WorkerUnavailable as err:
                     log.warning("worker: %s; running the job in this process", err)

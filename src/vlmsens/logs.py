@@ -88,6 +88,11 @@ def run_logged(
     return result
 
 
+def job_attempt(smk) -> int:
+    """The attempt of a script's job: ``resources.attempt`` where its rule declares it (rules with retries)."""
+    return int(getattr(smk.resources, "attempt", 1) or 1)
+
+
 def run_job(smk, prefix: str, func, *args, **kwargs):
     """:func:`run_logged` for a script's ``snakemake`` object: its log, attempt, inputs and outputs.
 
@@ -95,7 +100,7 @@ def run_job(smk, prefix: str, func, *args, **kwargs):
     """
     return run_logged(
         smk.log[0] if smk.log else None, prefix, func, *args,
-        job_attempt=int(getattr(smk.resources, "attempt", 1) or 1),
+        job_attempt=job_attempt(smk),
         job_inputs=dict(smk.input.items()), job_outputs=list(smk.output), **kwargs,
     )
 
