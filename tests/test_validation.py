@@ -352,3 +352,49 @@ def test_verdict_line_names_rho_ratio_and_k():
     assert "undefined (bottom-k damage is 0)" in verdict(doc)
     doc["ablations"]["correlation"]["kl"]["spearman"] = {"value": 0.21, "ci95": [-0.2, 0.55]}
     assert verdict(doc).endswith("; not established: the ρ interval does not exclude 0")
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_reused_vision_features_measure_what_a_full_forward_does(family, tiny_checkpoints, dbs, demo_coco, tmp_path):
+    """Image features computed once (vlmsens.vision_reuse) give the same KL and loss as recomputing the
+    BF16 tower, for text-only configurations; with a vision group quantized the tower is recomputed."""
+    from vlmsens.autoquant import CellSpec, PhaseClock, device_batches, load_cell_model, search
+    from vlmsens.batches import load_samples
+    from vlmsens.families import get_family, tower_of
+    from vlmsens.formats import format_registry, resolve_format
+    from vlmsens.validation import Evaluator, RecipeSwitch
+
+    checkpoint = tiny_checkpoints[family]
+    paths = {}
+    for name in ("calib", "eval"):
+        paths[name] = tmp_path / f"{name}.pt"
+        prepare_samples(checkpoint=str(checkpoint), calib_db=str(dbs[name]), coco_root=str(demo_coco), scope="all-layers",
+                        prompts=PROMPTS, out_path=str(paths[name]), progress=lambda _: None)
+    spec = CellSpec(model="tiny", family=get_family(family), checkpoint=str(checkpoint), format_name="wint8_aint8",
+                    formats=resolve_format("wint8_aint8", format_registry({})), scope="all-layers", size="small",
+                    effective_bits=8.5, batch_size=4, device="cpu")
+    clock = PhaseClock(lambda _: None)
+    model, calib, device, dtype, _ = load_cell_model(spec, load_samples(paths["calib"])[0], clock)
+    model, state, _, _ = search(model, spec, calib, clock, num_score_steps=1)
+    layers = [name.removesuffix(".quant_recipe") for name, stat in state["candidate_stats"].items() if len(stat["formats"]) > 1]
+    text = [layer for layer in layers if tower_of(layer) == "text"]
+    vision = [layer for layer in layers if tower_of(layer) == "vision"]
+    assert text and vision
+    switch = RecipeSwitch(model, spec.formats, layers)
+    evaluator = Evaluator(model, device_batches(model, load_samples(paths["eval"])[0], 4, device, dtype))
+    assert evaluator.vision.supported
+    switch.apply({})
+    evaluator.set_reference()
+    assert len(evaluator.vision) == len(evaluator.batches)  # filled by the BF16 reference pass
+
+    switch.apply(dict.fromkeys(text, "wint8_aint8"))
+    reused = evaluator.measure()
+    evaluator.vision_bf16 = False
+    recomputed = evaluator.measure()
+    assert reused["kl"] > 0
+    assert reused == pytest.approx(recomputed, rel=1e-5, abs=1e-9)
+
+    switch.apply(dict.fromkeys(vision, "wint8_aint8"))
+    with_vision = evaluator.measure()
+    evaluator.vision_bf16 = True
+    assert with_vision["kl"] > 0 and evaluator.measure()["kl"] == pytest.approx(0.0, abs=1e-9)  # reuse would hide the damage

@@ -105,13 +105,15 @@ def _to_device(batch: dict, device: str, dtype) -> dict:
     return moved
 
 
-def caption_logits(model, batch: dict):
+def caption_logits(model, batch: dict, inputs: dict | None = None):
     """Logits at the positions that predict caption tokens, and their targets.
 
     The backbone runs on the whole sequence; ``lm_head`` only on the positions whose next token
-    is a caption token, which saves the (tokens × vocab) product everywhere else.
+    is a caption token, which saves the (tokens × vocab) product everywhere else. ``inputs``
+    replaces the model inputs taken from ``batch`` (e.g. precomputed image features).
     """
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if inputs is None:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
     hidden = model.model(**inputs, use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE_INDEX
@@ -189,6 +191,15 @@ MEMORY_MARGIN_GIB = 2.0
 # (H100, bench/RESULTS.md); the budget is for what is reserved, not only allocated.
 ALLOCATOR_OVERHEAD = 1.27
 CPU_AUTO_BATCH = 8
+# An inference forward (validation's held-out batches) keeps no activation for a backward pass
+# and no score hook state, so it holds several search batches; 4 keeps a wide margin (the
+# validation's peak memory is in validation.json, and an out-of-memory retry halves it too).
+INFERENCE_BATCH_FACTOR = 4
+
+
+def inference_batch_size(plan: dict[str, Any], n_samples: int) -> int:
+    """The batch size of inference-only passes over ``n_samples`` samples, from the search's plan."""
+    return max(1, min(n_samples, plan["batch_size"] * INFERENCE_BATCH_FACTOR))
 
 
 def batch_plan(spec: CellSpec, model, samples: list[dict], device: str) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from .autoquant import (
     _peak_memory,
     caption_logits,
     device_batches,
+    inference_batch_size,
     load_cell_model,
     recipes_by_name,
     search,
@@ -43,6 +44,7 @@ from .batches import batch_stats
 from .config import ValidationSettings
 from .errors import VlmsensError
 from .recipes import bits_of, cost_model
+from .vision_reuse import VisionFeatures
 
 log = logging.getLogger(__name__)
 
@@ -173,19 +175,26 @@ class RecipeSwitch:
 
 
 class Evaluator:
-    """Caption-token loss and KL to the BF16 model on the held-out batches."""
+    """Caption-token loss and KL to the BF16 model on the held-out batches.
+
+    While ``vision_bf16`` is set (the configuration quantizes no vision group), the vision tower's
+    output is reused from the first such forward instead of recomputed (``vlmsens.vision_reuse``).
+    """
 
     def __init__(self, model, batches: list[dict]):
         self.model, self.batches = model, batches
         self.reference = None
         self.tokens = 0
+        self.vision = VisionFeatures(model)
+        self.vision_bf16 = True
 
     def _forward(self):
         import torch
 
         with torch.inference_mode():
-            for batch in self.batches:
-                logits, targets = caption_logits(self.model, batch)
+            for index, batch in enumerate(self.batches):
+                inputs = self.vision.inputs(index, batch) if self.vision_bf16 else None
+                logits, targets = caption_logits(self.model, batch, inputs)
                 yield torch.log_softmax(logits.float(), dim=-1), targets
 
     def set_reference(self) -> float:
@@ -235,11 +244,12 @@ def run_validation(
     budget = float(manifest["search"]["effective_bits_target"])
 
     model, calib_batches, device, dtype, plan = load_cell_model(spec, calib_samples, clock)
-    eval_batches = device_batches(model, eval_samples, plan["batch_size"], device, dtype)
+    eval_batches = device_batches(model, eval_samples, inference_batch_size(plan, len(eval_samples)), device, dtype)
     clock.enter("calibrate", f"{len(calib_samples)} calibration samples, as the cell")
     model, _, _, _ = search(model, spec, calib_batches, clock, num_score_steps=1)
     switch = RecipeSwitch(model, spec.formats, layers)
     evaluator = Evaluator(model, eval_batches)
+    vision_layers = {g["layer"] for g in groups if g["tower"] == "vision"}
 
     clock.enter("reference", f"BF16 on {len(eval_samples)} held-out samples")
     switch.apply({})
@@ -249,6 +259,7 @@ def run_validation(
     def measure(selection: dict[str, str]) -> dict[str, float]:
         nonlocal n_measured
         switch.apply(selection)
+        evaluator.vision_bf16 = all(selection.get(layer, NO_QUANT) == NO_QUANT for layer in vision_layers)
         n_measured += 1
         return evaluator.measure()
 

@@ -1,0 +1,41 @@
+"""The BF16 vision tower's output per batch, computed once and reused while the tower stays BF16.
+
+Validation measures dozens of configurations on the same held-out batches. Every configuration
+that quantizes no vision group (all of them in an lm-only cell, most ablations of an all-layers
+cell) feeds the text tower the same image features, so they are computed on the first such
+forward and handed to the model through transformers' ``mm_encoder_outputs`` argument after that.
+The vision tower is about 40 % of a Qwen-VL forward on COCO-sized images (docs/DESIGN.md, "Speed").
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+
+class VisionFeatures:
+    """Image features of each batch (by its position in the batch list), as the unquantized tower makes them."""
+
+    def __init__(self, model):
+        inner = getattr(model, "model", None)
+        self.inner = inner
+        self.supported = (inner is not None and hasattr(inner, "get_image_features")
+                          and "mm_encoder_outputs" in inspect.signature(inner.forward).parameters)
+        self._features: dict[int, Any] = {}
+
+    def inputs(self, index: int, batch: dict) -> dict:
+        """The model inputs of batch ``index`` with its cached image features in place of its pixels."""
+        import torch
+
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        if not self.supported or "pixel_values" not in inputs:
+            return inputs
+        pixels = inputs.pop("pixel_values")
+        if index not in self._features:
+            with torch.inference_mode():
+                self._features[index] = self.inner.get_image_features(pixels, inputs["image_grid_thw"], return_dict=True)
+        inputs["mm_encoder_outputs"] = {"image": self._features[index]}
+        return inputs
+
+    def __len__(self) -> int:
+        return len(self._features)
