@@ -2,19 +2,21 @@
 
 About 20 s of every AutoQuantize or validation job is Python importing torch, transformers and
 ModelOpt (ModelOpt alone pulls in torch._dynamo, sympy and its plugins). With the worker, the
-first GPU job of a run starts one server process that imports all of that once; every job then
-sends its work to the server, which forks a child for it: the child inherits the warm imports,
-takes the job's GPU pin, writes to the job's own log and exits when the job is done.
+first GPU job of a run starts one light server process (it imports no torch). The server keeps,
+for each GPU set that jobs are pinned to, one *standby*: a fork that has imported everything with
+that GPU set visible and waits. A job sends its work to the server, which hands it to the standby
+of the job's GPUs; the standby takes the job's log and threads, runs the job in itself and exits,
+and the server starts the next standby at once, so its imports overlap the running job.
 
 What stays as without it:
 
 * each cell is still its own Snakemake job and file target; the job process holds its GPU slot
-  (``vlmsens.gpupool``) for the whole run of its child, so one cell holds a GPU at a time;
-* a crash costs one cell: the child's exit status (or the signal that killed it) becomes the job's
-  exit status, and a job process that is killed (Ctrl-C, ``--forcerun`` elsewhere, a scheduler)
-  takes its child with it: the server kills the child as soon as the job's connection drops;
-* CUDA starts in the child only: the server never initialises it (forked CUDA contexts are not
-  usable), and refuses to serve if an import did.
+  (``vlmsens.gpupool``) for the whole run of its standby, so one cell holds a GPU at a time;
+* a crash costs one cell: the standby's exit status (or the signal that killed it) becomes the
+  job's exit status, and a job process that is killed (Ctrl-C, ``--forcerun`` elsewhere, a
+  scheduler) takes its standby with it: the server kills it as soon as the job's connection drops;
+* no process forks after CUDA started: an import in ModelOpt's tree initialises the CUDA driver,
+  so the imports run in the standby, after its fork, with its GPUs already visible.
 
 Protocol: one Unix socket per (results folder, host), owner-only; a JSON line per message. The
 server answers ``ping`` with its fingerprint (interpreter, package versions, the vlmsens sources'
@@ -37,7 +39,6 @@ import os
 import select
 import signal
 import socket
-import socketserver
 import subprocess
 import sys
 import tempfile
@@ -306,8 +307,7 @@ def _resolve(ref: str):
 
 
 def _child(request: dict[str, Any]) -> int:
-    """In the forked child: the job's environment, log and threads, then the job itself."""
-    os.setsid()  # the job and whatever it spawns (ninja builds) form one group, killed together
+    """In the standby that takes the job: the job's environment, log and threads, then the job itself."""
     for key, value in request["env"].items():
         if value is None:
             os.environ.pop(key, None)
@@ -326,6 +326,14 @@ def _child(request: dict[str, Any]) -> int:
     if torch.cuda._is_in_bad_fork() and _gpu_expected():
         print("worker: CUDA was touched before the fork; running the job in its own process instead", file=sys.stderr)
         return CANNOT_RUN_HERE
+    if _gpu_expected():
+        # An import may have initialised the CUDA driver in the server while no GPU was visible
+        # (a native call, not torch's own lazy init): the fork then sees no device at all.
+        try:
+            torch.cuda.init()
+        except RuntimeError as err:
+            print(f"worker: this fork cannot use the GPU ({err}); running the job in its own process instead", file=sys.stderr)
+            return CANNOT_RUN_HERE
     torch.set_num_threads(request["threads"])
     if torch.cuda.is_available():
         _reload_gpu_kernels()
@@ -351,93 +359,104 @@ def _reload_gpu_kernels() -> None:
     importlib.reload(gemm)
 
 
-class _Handler(socketserver.StreamRequestHandler):
-    def handle(self) -> None:
-        line = self.rfile.readline()
-        if not line:
-            return
-        request = json.loads(line)
-        op = request.get("op")
-        server: _Server = self.server  # type: ignore[assignment]
-        if op == "ping":
-            self._answer({"fingerprint": server.fingerprint, "pid": os.getppid()})
-            return
-        if op == "retire":
-            os.kill(os.getppid(), signal.SIGUSR1)
-            self._answer({"retiring": True})
-            return
-        if request.get("fingerprint") != server.fingerprint:
-            self._answer({"error": "the worker runs other code or settings than this job"})
-            return
+class _Standby:
+    """A fork of the server that imports everything a job needs, pinned to one GPU set, then waits for
+    one job and runs it in itself.
+
+    The imports run after the fork with the job's GPUs visible: a native call during ModelOpt's
+    import tree initialises the CUDA driver (on an H100 host with torch 2.11; torch's own lazy init
+    is not involved), and a process forked after that cannot use CUDA at all. The server itself
+    therefore imports no torch; the next standby for the same GPUs starts importing as soon as this
+    one takes a job, so its imports overlap the running job.
+    """
+
+    def __init__(self, gpus: str | None):
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pid = os.fork()
         if pid == 0:
+            parent.close()
             code = 1
             try:
-                code = _child(request)
+                code = _standby_main(gpus, child)
+            except BaseException:  # noqa: BLE001
+                traceback.print_exc()
             finally:
                 with contextlib.suppress(Exception):
                     sys.stdout.flush()
                     sys.stderr.flush()
                 os._exit(code)
-        status = self._supervise(pid)
-        if status is None:
-            return  # the job's process is gone: nobody to answer
-        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == CANNOT_RUN_HERE:
-            self._answer({"error": "the worker's fork cannot use CUDA (see the job log)"})
-            return
-        if os.WIFEXITED(status):
-            code, text = os.WEXITSTATUS(status), f"exit status {os.WEXITSTATUS(status)}"
-        else:
-            sig = os.WTERMSIG(status)
-            code, text = 128 + sig, f"killed by signal {signal.Signals(sig).name}"
-            with contextlib.suppress(OSError), open(request["log"], "a") as job_log:
-                job_log.write(f"worker: the job's process was {text}\n")
-        self._answer({"exit": code, "status": text, "pid": pid})
+        child.close()
+        self.gpus, self.pid, self.channel = gpus, pid, parent
 
-    def _supervise(self, pid: int) -> int | None:
-        """Wait for the child; kill it (and its group) if the job's connection drops first."""
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                return status
-            readable, _, _ = select.select([self.connection], [], [], 0.2)
-            if readable and not self.connection.recv(1, socket.MSG_PEEK):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                return None
-
-    def _answer(self, message: dict[str, Any]) -> None:
-        with contextlib.suppress(OSError):
-            self.wfile.write((json.dumps(message) + "\n").encode())
-
-
-class _Server(socketserver.ForkingMixIn, socketserver.UnixStreamServer):
-    block_on_close = False
-    max_children = 64
-
-    def __init__(self, address: str, fingerprint: str):
-        self.fingerprint = fingerprint
-        self.last_activity = time.monotonic()
-        old_umask = os.umask(0o077)
+    def hand(self, request: dict[str, Any]) -> bool:
+        """Give this standby its job; False when it is gone (it died while importing)."""
         try:
-            super().__init__(address, _Handler)
+            self.channel.sendall((json.dumps(request) + "\n").encode())
+            return True
+        except OSError:
+            return False
         finally:
-            os.umask(old_umask)
+            self.channel.close()
 
-    def process_request(self, request, client_address):
-        self.last_activity = time.monotonic()
-        super().process_request(request, client_address)
+    def kill(self) -> None:
+        self.channel.close()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+
+
+def _standby_main(gpus: str | None, channel: socket.socket) -> int:
+    os.setsid()  # the job and whatever it spawns (ninja builds) form one group, killed together
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    if gpus is None:
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    else:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus
+    failed = None
+    try:
+        spent = preload()
+        print(f"worker: standby {os.getpid()} for GPUs {gpus!r} ready after {spent:.1f} s of imports", file=sys.stderr, flush=True)
+    except Exception:  # noqa: BLE001
+        failed = traceback.format_exc()
+    with channel.makefile("rb") as reader:
+        line = reader.readline()
+    if not line:
+        return 0  # the server retired this standby before any job came
+    request = json.loads(line)
+    if failed:
+        with contextlib.suppress(OSError), open(request["log"], "a") as job_log:
+            job_log.write(f"worker: the standby's imports failed; running the job in its own process instead\n{failed}")
+        return CANNOT_RUN_HERE
+    return _child(request)
+
+
+def _job_exit(status: int, log_path: str) -> tuple[int, str]:
+    if os.WIFEXITED(status):
+        return os.WEXITSTATUS(status), f"exit status {os.WEXITSTATUS(status)}"
+    sig = os.WTERMSIG(status)
+    text = f"killed by signal {signal.Signals(sig).name}"
+    with contextlib.suppress(OSError), open(log_path, "a") as job_log:
+        job_log.write(f"worker: the job's process was {text}\n")
+    return 128 + sig, text
+
+
+def _answer(conn: socket.socket, message: dict[str, Any]) -> None:
+    with contextlib.suppress(OSError):
+        conn.sendall((json.dumps(message) + "\n").encode())
+
+
+def _listen(address: str) -> socket.socket:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o077)
+    try:
+        listener.bind(address)
+    finally:
+        os.umask(old_umask)
+    listener.listen(64)
+    return listener
 
 
 def serve(address: str, expected: str, idle_s: float) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker[%(process)d] %(message)s", force=True)
-    spent = preload()
-    import torch
-
-    if torch.cuda.is_initialized():
-        log.error("an import initialised CUDA; a forked child could not use the GPU: not serving")
-        return 3
     if fingerprint() != expected:
         log.error("this server's fingerprint differs from the job's; not serving")
         return 4
@@ -448,30 +467,111 @@ def serve(address: str, expected: str, idle_s: float) -> int:
         retire = True
 
     signal.signal(signal.SIGUSR1, on_retire)
-    server = _Server(address, expected)
+    listener = _listen(address)
     inode = os.stat(address).st_ino
-    server.timeout = 0.5
-    log.info("serving at %s after %.1f s of imports; exits after %.0f s without a job", address, spent, idle_s)
+    standbys: dict[str | None, _Standby] = {}
+    running: dict[int, tuple[socket.socket, dict[str, Any]]] = {}
+    last_activity = time.monotonic()
+    log.info("serving at %s; exits after %.0f s without a job", address, idle_s)
+
+    def take(conn: socket.socket) -> None:
+        conn.settimeout(10)
+        try:
+            with conn.makefile("rb") as reader:
+                line = reader.readline()
+        except OSError:
+            line = b""
+        if not line:
+            conn.close()
+            return
+        request = json.loads(line)
+        op = request.get("op")
+        if op == "ping":
+            _answer(conn, {"fingerprint": expected, "pid": os.getpid()})
+        elif op == "retire":
+            os.kill(os.getpid(), signal.SIGUSR1)
+            _answer(conn, {"retiring": True})
+        elif request.get("fingerprint") != expected:
+            _answer(conn, {"error": "the worker runs other code or settings than this job"})
+        else:
+            gpus = request["env"].get("CUDA_VISIBLE_DEVICES")
+            standby = standbys.pop(gpus, None) or _Standby(gpus)
+            if not standby.hand(request):
+                standby = _Standby(gpus)
+                standby.hand(request)
+            conn.settimeout(None)
+            running[standby.pid] = (conn, request)
+            if not retire:
+                standbys[gpus] = _Standby(gpus)  # imports for the next job while this one runs
+            return
+        conn.close()
+
+    def reap() -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid in running:
+                conn, request = running.pop(pid)
+                if os.WIFEXITED(status) and os.WEXITSTATUS(status) == CANNOT_RUN_HERE:
+                    _answer(conn, {"error": "the worker cannot run this job here (see the job log)"})
+                else:
+                    code, text = _job_exit(status, request["log"])
+                    _answer(conn, {"exit": code, "status": text, "pid": pid})
+                conn.close()
+            else:
+                for gpus, standby in list(standbys.items()):
+                    if standby.pid == pid:
+                        log.warning("standby %d for GPUs %r exited while waiting (status %d)", pid, gpus, status)
+                        standby.channel.close()
+                        del standbys[gpus]
+
+    def dropped() -> None:
+        """A job whose connection closed was killed (Ctrl-C, a scheduler): its process goes too."""
+        by_conn = {conn: pid for pid, (conn, _) in running.items()}
+        if not by_conn:
+            return
+        readable, _, _ = select.select(list(by_conn), [], [], 0)
+        for conn in readable:
+            with contextlib.suppress(OSError):
+                if conn.recv(1, socket.MSG_PEEK):
+                    continue
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(by_conn[conn], signal.SIGKILL)
+
     try:
         while True:
-            server.handle_request()
-            server.collect_children()
-            if server.active_children:
-                server.last_activity = time.monotonic()
+            readable, _, _ = select.select([listener], [], [], 0.2)
+            if readable:
+                conn, _ = listener.accept()
+                last_activity = time.monotonic()
+                take(conn)
+            dropped()
+            reap()
+            if running:
+                last_activity = time.monotonic()
             try:
                 moved = os.stat(address).st_ino != inode
             except FileNotFoundError:
                 moved = True
-            if moved or retire or time.monotonic() - server.last_activity > idle_s:
+            if moved or retire or time.monotonic() - last_activity > idle_s:
                 break
     finally:
         with contextlib.suppress(FileNotFoundError):
             if os.stat(address).st_ino == inode:
                 os.unlink(address)
-        server.server_close()
-        # A retired server lets its running jobs finish before it exits.
-        while server.active_children:
-            server.collect_children(blocking=True)
+        listener.close()
+        for standby in standbys.values():
+            standby.kill()
+        # A retired server lets its running jobs finish (and answers them) before it exits.
+        while running:
+            dropped()
+            reap()
+            time.sleep(0.2)
+        reap()
     log.info("exiting (%s)", "retired" if retire else "idle or socket gone")
     return 0
 
