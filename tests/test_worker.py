@@ -52,6 +52,9 @@ def test_jobs_run_in_children_of_one_warm_server(address, tmp_path, monkeypatch)
     assert all(o["threads"] == 1 and o["cuda_visible_devices"] == "" for o in outs)
     text = log_path.read_text()
     assert f"[test] job running in pid {outs[1]['pid']}" in text
+    # the next jobs' standbys were forked (and import) while these jobs ran; none is a finished job's process
+    waiting = worker._ask(address, {"op": "ping"})["standbys"][""]
+    assert len(waiting) == worker.DEFAULT_STANDBYS and not {o["pid"] for o in outs} & set(waiting)
 
 
 def test_a_child_starts_with_modelopt_imported(address, tmp_path):

@@ -6,7 +6,8 @@ first GPU job of a run starts one light server process (it imports no torch). Th
 for each GPU set that jobs are pinned to, one *standby*: a fork that has imported everything with
 that GPU set visible and waits. A job sends its work to the server, which hands it to the standby
 of the job's GPUs; the standby takes the job's log and threads, runs the job in itself and exits,
-and the server starts the next standby at once, so its imports overlap the running job.
+and the server starts the next standby at once, so its imports overlap the running job
+(``VLMSENS_WORKER_STANDBYS`` standbys wait per GPU set, default 2).
 
 What stays as without it:
 
@@ -54,6 +55,10 @@ log = logging.getLogger(__name__)
 ENABLE_ENV = "VLMSENS_WORKER"
 IDLE_ENV = "VLMSENS_WORKER_IDLE_S"
 START_TIMEOUT_ENV = "VLMSENS_WORKER_START_S"
+STANDBYS_ENV = "VLMSENS_WORKER_STANDBYS"
+# Two standbys per GPU set: a standby's imports take about 17 s (H100 host), longer than a small
+# cell, so with one the next job often waited for the rest of them (bench/RESULTS.md).
+DEFAULT_STANDBYS = 2
 DEFAULT_IDLE_S = 300.0
 DEFAULT_START_TIMEOUT_S = 600.0
 # Environment a job passes to its child: what the job's own pinning and caches set.
@@ -469,7 +474,8 @@ def serve(address: str, expected: str, idle_s: float) -> int:
     signal.signal(signal.SIGUSR1, on_retire)
     listener = _listen(address)
     inode = os.stat(address).st_ino
-    standbys: dict[str | None, _Standby] = {}
+    standbys: dict[str | None, list[_Standby]] = {}
+    n_standbys = max(1, int(os.environ.get(STANDBYS_ENV, DEFAULT_STANDBYS)))
     running: dict[int, tuple[socket.socket, dict[str, Any]]] = {}
     last_activity = time.monotonic()
     log.info("serving at %s; exits after %.0f s without a job", address, idle_s)
@@ -487,7 +493,8 @@ def serve(address: str, expected: str, idle_s: float) -> int:
         request = json.loads(line)
         op = request.get("op")
         if op == "ping":
-            _answer(conn, {"fingerprint": expected, "pid": os.getpid()})
+            _answer(conn, {"fingerprint": expected, "pid": os.getpid(),
+                           "standbys": {str(gpus): [sb.pid for sb in waiting] for gpus, waiting in standbys.items()}})
         elif op == "retire":
             os.kill(os.getpid(), signal.SIGUSR1)
             _answer(conn, {"retiring": True})
@@ -495,14 +502,15 @@ def serve(address: str, expected: str, idle_s: float) -> int:
             _answer(conn, {"error": "the worker runs other code or settings than this job"})
         else:
             gpus = request["env"].get("CUDA_VISIBLE_DEVICES")
-            standby = standbys.pop(gpus, None) or _Standby(gpus)
+            waiting = standbys.setdefault(gpus, [])
+            standby = waiting.pop(0) if waiting else _Standby(gpus)  # the oldest: the likeliest to be ready
             if not standby.hand(request):
                 standby = _Standby(gpus)
                 standby.hand(request)
             conn.settimeout(None)
             running[standby.pid] = (conn, request)
-            if not retire:
-                standbys[gpus] = _Standby(gpus)  # imports for the next job while this one runs
+            while not retire and len(waiting) < n_standbys:
+                waiting.append(_Standby(gpus))  # imports for the next jobs while this one runs
             return
         conn.close()
 
@@ -523,11 +531,11 @@ def serve(address: str, expected: str, idle_s: float) -> int:
                     _answer(conn, {"exit": code, "status": text, "pid": pid})
                 conn.close()
             else:
-                for gpus, standby in list(standbys.items()):
-                    if standby.pid == pid:
+                for gpus, waiting in standbys.items():
+                    for standby in [sb for sb in waiting if sb.pid == pid]:
                         log.warning("standby %d for GPUs %r exited while waiting (status %d)", pid, gpus, status)
                         standby.channel.close()
-                        del standbys[gpus]
+                        waiting.remove(standby)
 
     def dropped() -> None:
         """A job whose connection closed was killed (Ctrl-C, a scheduler): its process goes too."""
@@ -564,8 +572,9 @@ def serve(address: str, expected: str, idle_s: float) -> int:
             if os.stat(address).st_ino == inode:
                 os.unlink(address)
         listener.close()
-        for standby in standbys.values():
-            standby.kill()
+        for waiting in standbys.values():
+            for standby in waiting:
+                standby.kill()
         # A retired server lets its running jobs finish (and answers them) before it exits.
         while running:
             dropped()
