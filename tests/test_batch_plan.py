@@ -84,3 +84,12 @@ def test_fixed_batch_sizes_halve_per_retry_and_auto_on_a_cpu_is_eight():
     assert batch_plan(_spec(batch_size=6), net, _samples(8), "cpu")["batch_size"] == 6
     assert batch_plan(_spec(batch_size=6, batch_halvings=1), net, _samples(8), "cpu")["batch_size"] == 3
     assert batch_plan(_spec(batch_size=0), net, _samples(8), "cpu")["batch_size"] == 8
+
+
+def test_inference_batches_hold_four_search_batches_within_the_sample_count():
+    from vlmsens.autoquant import INFERENCE_BATCH_FACTOR, inference_batch_size
+
+    assert INFERENCE_BATCH_FACTOR == 4
+    assert inference_batch_size({"batch_size": 10}, 100) == 40
+    assert inference_batch_size({"batch_size": 37}, 100) == 100  # never more than the samples
+    assert inference_batch_size({"batch_size": 1}, 0) == 1
