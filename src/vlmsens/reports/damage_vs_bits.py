@@ -95,7 +95,7 @@ def plot_damage(frame: pd.DataFrame, model: str, measure: str, size_order: list[
         ax.set_title(f"{fmt} · {scope}", fontsize=9)
         ax.legend(fontsize=7)
     what = "KL to BF16" if measure == "kl" else "caption-loss change"
-    fig.suptitle(f"{model}: measured {what} vs effective bits on held-out samples (BF16 = 16 bits, no damage)", fontsize=10)
+    fig.suptitle(f"{model}: measured {what} vs bits (held-out)", fontsize=10)
     save(fig, out_png)
 
 
