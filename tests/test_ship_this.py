@@ -22,7 +22,7 @@ from vlmsens.errors import VlmsensError
 from vlmsens.ladder import ladder_budgets, ladder_plan
 from vlmsens.models import load_processor
 from vlmsens.recipes import bits_of, is_nested, make_recipe, nested_recipes, nested_selection, score_of, solve_budget
-from vlmsens.reports.damage_vs_bits import ladder_frame
+from vlmsens.reports.damage_vs_bits import damage_doc, ladder_frame, random_bits_gaps
 from vlmsens.reports.damage_vs_bits import write as write_damage
 from vlmsens.reports.registry import Job
 from vlmsens.reports.ship_this import consensus_frame, evidence_frame
@@ -231,3 +231,16 @@ def test_ladder_refuses_overlapping_held_out_samples(planted_cells, tmp_path):
                     samples_path=str(cell["samples"]["calib"]), eval_samples_path=str(cell["samples"]["calib"]),
                     outputs={"json": str(tmp_path / "ladder.json")}, progress=lambda _: None)
     assert not (tmp_path / "ladder.json").exists()
+
+
+def test_random_recipes_short_of_the_optimal_bits_are_flagged():
+    import pandas as pd
+
+    cell = {"model": "m", "format": FORMAT, "scope": "lm-only", "size": "large"}
+    rows = [{**cell, "budget_bits": b, "kind": kind, "bits": bits, "kl": 1.0, "loss_increase": 0.0, "draws": 1, "tokens": 9}
+            for b, kind, bits in ((8.5, "optimal", 8.49), (8.5, "random", 8.485), (9.0, "optimal", 8.98), (9.0, "random", 8.5))]
+    frame = pd.DataFrame(rows)
+    gaps = random_bits_gaps(frame)
+    assert list(gaps["budget_bits"]) == [9.0] and gaps["bits_gap"].iloc[0] == pytest.approx(0.48)
+    assert "Not a same-bits comparison at 1 rung(s)" in damage_doc("m", frame).to_markdown()
+    assert "same-bits" not in damage_doc("m", frame[frame["budget_bits"] == 8.5]).to_markdown()

@@ -73,7 +73,7 @@ def plot_damage(frame: pd.DataFrame, model: str, measure: str, size_order: list[
     fig, _, panels = format_scope_grid(panels_frame, 5.6, 3.8)
     for ax, fmt, scope, sub in panels:
         for kind in KINDS:
-            pts = sub[sub["kind"] == kind].sort_values("bits")
+            pts = sub[sub["kind"] == kind].sort_values(["budget_bits", "bits"])
             if pts.empty:
                 continue
             y = pts[measure].clip(lower=floor) if log_y else pts[measure]
@@ -110,9 +110,32 @@ def damage_doc(model: str, frame: pd.DataFrame) -> Doc:
     )
     if frame.empty:
         return doc.not_applicable("no ladder cell: enable `ship_this.ladder` (config/README.md).")
+    short = random_bits_gaps(frame)
+    if len(short):
+        doc.para(
+            f"**Not a same-bits comparison at {len(short)} rung(s)**: the random recipes there reach fewer bits than the "
+            f"optimal one (up to {short['bits_gap'].max():.3f} bits fewer, `bits gap` below), so they are more compressed "
+            "than the recipe they are set against, and their damage likely overstates that of random recipes of equal bits."
+        )
     table = frame.drop(columns=["model"]).copy()
     doc.table(table, floatfmt=".4g")
+    if len(short):
+        doc.heading("Rungs where random recipes fall short of the optimal recipe's bits")
+        doc.table(short, floatfmt=".4g")
     return doc
+
+
+# Random recipes count as same-bits when their mean is within this many bits of the optimal recipe's.
+SAME_BITS_TOL = 0.01
+
+
+def random_bits_gaps(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per (cell, rung): how many bits the random recipes' mean lacks against the optimal recipe; rungs over the tolerance."""
+    keys = [*CELL_KEYS, "budget_bits"]
+    optimal = frame[frame["kind"] == "optimal"].set_index(keys)["bits"]
+    random = frame[frame["kind"] == "random"].set_index(keys)["bits"]
+    gaps = (optimal - random).dropna().rename("bits_gap").reset_index()
+    return gaps[gaps["bits_gap"] > SAME_BITS_TOL].drop(columns=["model"]).reset_index(drop=True)
 
 
 def write(job: Job) -> None:
