@@ -18,6 +18,7 @@ include: "rules/calib.smk"
 include: "rules/autoquant.smk"
 include: "rules/report.smk"
 include: "rules/validate.smk"
+include: "rules/ladder.smk"
 
 
 wildcard_constraints:
@@ -35,3 +36,4 @@ rule all:
         analyses=analysis_targets(),
         recipes=per_cell(rules.recipes.output.summary_json),
         validation=validation_outputs(),
+        ladders=ladder_outputs(),

@@ -11,8 +11,11 @@ from vlmsens.config import (
     grid_cells,
     is_demo_coco,
     is_demo_model,
+    ladder_cells,
+    ladder_settings,
     model_settings,
     prompt_settings,
+    ship_this_settings,
     validation_settings,
 )
 from vlmsens.errors import VlmsensError
@@ -205,10 +208,36 @@ def validation_outputs():
     return per_cell(rules.validate.output.json) + per_cell(rules.validate.output.markdown)
 
 
+# --- Ladders (rules/ladder.smk) ------------------------------------------------------------------
+LADDER_CELLS = ladder_cells(config)
+
+
+def model_ladders(wildcards):
+    """The ladder.json of one model's ladder cells."""
+    return [
+        rules.ladder.output.json.format(model=c.model, format=c.format, scope=c.scope, size=c.size)
+        for c in LADDER_CELLS
+        if c.model == wildcards.model
+    ]
+
+
+def all_ladders(wildcards):
+    """The ladder.json of every ladder cell."""
+    return ladder_outputs()
+
+
+def ladder_outputs():
+    """Ladder targets of the default target: the chosen cells' ladder.json (none when disabled)."""
+    return [rules.ladder.output.json.format(model=c.model, format=c.format, scope=c.scope, size=c.size) for c in LADDER_CELLS]
+
+
 # --- Analyses of vlmsens.reports: one rule each (rules/report.smk) ---------------------------
 CELL_LABELS = {"format": "{format}", "scope": "{scope}", "size": "{size}"}
 WILDCARDS_OF_LEVEL = {"global": (), "model": ("model",), "cell": ("model", "format", "scope", "size")}
 GRID_ORDERS = {"size_order": list(GRID["sizes"]), "format_order": list(GRID["formats"])}
+# Every param an analysis may ask for (vlmsens.reports.registry.PARAMS): the grid orders and the
+# ship_this thresholds.
+ANALYSIS_PARAMS = {**GRID_ORDERS, "ship_this": ship_this_settings(config)}
 
 
 def analysis_inputs(analysis):
@@ -220,6 +249,7 @@ def analysis_inputs(analysis):
         "manifests": model_manifests if per_model else all_manifests(),
         "recipes": model_recipe_summaries,
         "validations": model_validations if per_model else all_validations,
+        "ladders": model_ladders if per_model else all_ladders,
     }[analysis.reads]
 
 
@@ -247,7 +277,7 @@ def analysis_path(analysis, root, suffix):
     return f"{os.path.join(root, analysis.name, *wildcards)}{suffix}"
 
 
-ANALYSIS_ENABLED = {None: True, "validation": VALIDATE, "two_families": len(FAMILIES_IN_GRID) >= 2}
+ANALYSIS_ENABLED = {None: True, "validation": VALIDATE, "two_families": len(FAMILIES_IN_GRID) >= 2, "ladder": bool(LADDER_CELLS)}
 
 
 def analysis_targets():

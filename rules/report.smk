@@ -21,6 +21,8 @@ rule recipes:
         ),
         quant_cfgs=per_budget(f"{RECIPE_DIR}/{{budget}}/modelopt_quant_cfg.json"),
         ignores=per_budget(f"{RECIPE_DIR}/{{budget}}/ignore.yaml"),
+        nested_quant_cfgs=per_budget(f"{RECIPE_DIR}/{{budget}}/nested/modelopt_quant_cfg.json"),
+        nested_ignores=per_budget(f"{RECIPE_DIR}/{{budget}}/nested/ignore.yaml"),
     params:
         budgets=BUDGETS,
     threads: 1
@@ -44,7 +46,7 @@ for analysis in analyses().values():
         output:
             **analysis_outputs(analysis),
         params:
-            **{key: GRID_ORDERS[key] for key in analysis.params},
+            **{key: ANALYSIS_PARAMS[key] for key in analysis.params},
         log:
             analysis_path(analysis, LOGS, ".log"),
         benchmark:

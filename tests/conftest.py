@@ -27,7 +27,7 @@ DEMO = ["--configfile", "config/demo.yaml", "--replace-workflow-config"]
 # machine, each mostly single-threaded start-up. One thread and one "GPU" per core instead runs one
 # job per core; the rules and profiles users run keep their GPU semantics.
 CORES = max(2, os.cpu_count() or 2)
-CPU_DEMO = ["--cores", str(CORES), "--resources", f"gpu={CORES}", "--set-threads", "autoquant=1", "validate=1"]
+CPU_DEMO = ["--cores", str(CORES), "--resources", f"gpu={CORES}", "--set-threads", "autoquant=1", "validate=1", "ladder=1"]
 
 # Tools a machine may lack without the project being broken: a test that cannot run without one
 # skips with a reason starting "needs <tool>". In CI (env CI set) any other skip fails the session,

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from vlmsens.recipes import SCORE_RTOL, bits_of, bits_range, score_of
+from vlmsens.recipes import SCORE_RTOL, bits_of, bits_range, is_nested, score_of
 from vlmsens.validation import k_of, ranked_groups, ratio, stratified_positions, verdict
 
 MEASURES = ("kl", "loss_increase")
@@ -132,4 +132,27 @@ def check_recipes(payload: dict[str, Any], manifest: dict[str, Any], page: str) 
         if line is not None:
             assert line in page, f"{r['cell']} at {r['budget_bits']} bits: the page does not say {line!r}"
             disagreements.append(r)
+    if "nested" in payload:
+        check_nested_recipes(payload, manifest, page)
     return disagreements
+
+
+def check_nested_recipes(payload: dict[str, Any], manifest: dict[str, Any], page: str) -> None:
+    """The nested recipes of a cell: one per budget, within it, each never better than the optimum, nested."""
+    nested, optimal = payload["nested"], {r["budget_bits"]: r for r in payload["recipes"]}
+    assert [n["budget_bits"] for n in nested] == payload["budgets"]
+    low, _ = bits_range(manifest)
+    for n in nested:
+        selection = n["selection"]
+        assert n["achieved_bits"] == pytest.approx(bits_of(manifest, selection), abs=1e-9)
+        assert n["predicted_score"] == pytest.approx(score_of(manifest, selection), rel=1e-12, abs=0)
+        assert n["kept_bf16"] == [layer for layer, fmt in selection.items() if fmt == "bf16"]
+        if n["feasible"]:
+            assert n["achieved_bits"] <= n["budget_bits"] * (1 + 1e-9)
+            best = optimal[n["budget_bits"]]["cross_check"]["milp_predicted_score"]
+            assert n["predicted_score"] >= best * (1 - SCORE_RTOL) - 1e-15
+        else:
+            assert n["budget_bits"] < low
+    by_bits = sorted(nested, key=lambda n: n["budget_bits"])
+    assert is_nested([n["selection"] for n in by_bits], manifest)
+    assert "Nested recipes (greedy by score per cost)" in page

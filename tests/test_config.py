@@ -67,6 +67,8 @@ CASES = {
                         "prompts.min_pixels (1000000) exceeds prompts.max_pixels"),
     "no-checkpoint": (lambda c, _: c["models"].update(tiny_qwen3_vl={"family": "qwen3_vl"}),
                       "models.tiny_qwen3_vl.checkpoint is not set"),
+    "ladder-size-not-in-grid": (lambda c, _: _nested_set(c, ["huge"], "ship_this", "ladder", "sizes"),
+                                "ship_this.ladder.sizes names ['huge'], not in grid.sizes"),
 }
 REAL_CASES = {
     "checkpoint-without-config-json": (lambda c, tmp: (tmp / "ckpt" / "config.json").unlink(),

@@ -148,7 +148,7 @@ def test_report_loads_without_javascript_errors_and_lists_every_item(browser, de
     models = config["grid"]["models"]
     families = {config["models"][m]["family"] for m in models}
     categories = browser.execute_script("return Object.keys(categories)")
-    expected = {"Summary", *models} | ({"Model families"} if len(families) >= 2 else set())
+    expected = {"Summary", "Ship this", *models} | ({"Model families"} if len(families) >= 2 else set())
     assert set(categories) == expected, categories
     names = Counter(browser.execute_script("return Object.values(results).map(r => r.name)"))
     n_cells = len(models) * len(config["grid"]["formats"]) * len(config["grid"]["scopes"]) * len(config["grid"]["sizes"])
@@ -156,6 +156,9 @@ def test_report_loads_without_javascript_errors_and_lists_every_item(browser, de
     for item in PER_MODEL_ITEMS:
         assert names[item] == len(models), (item, names)
     assert names["heatmap.png"] == n_cells
+    assert names["ship_this.html"] == len(models)
+    if config.get("ship_this", {}).get("ladder", {}).get("enabled"):
+        assert names["damage_vs_bits.png"] == len(models) and names["loss_vs_bits.png"] == len(models)
     assert names["recipes.html"] == n_cells + len(models)  # one per cell, one summary per model
     if len(families) >= 2:
         assert names["depth_profile.png"] == 1 and names["depth_profile.html"] == 1

@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "vlmsens"
 LAYERS = {
     "core": {"vlmsens", "errors", "io", "failures", "logs", "formats", "scopes", "families", "preflight", "config", "provenance"},
     "data": {"calib", "batches", "models", "attention", "vision_reuse", "demo"},
-    "compute": {"calibration", "autoquant", "validation", "recipes"},
+    "compute": {"calibration", "autoquant", "validation", "recipes", "ladder"},
     "presentation": {"render", "reports"},
     "jobs": {"cell", "cli", "worker", "gpupool"},
 }

@@ -13,6 +13,7 @@ import pytest
 from invariants import check_recipes
 
 from vlmsens import recipes as rc
+from vlmsens.errors import VlmsensError
 from vlmsens.reports import depth_profile as depth
 from vlmsens.reports import doc, frames, heatmap, recipe_summary, stats, towers
 from vlmsens.reports import format_comparison as fmt_cmp
@@ -416,9 +417,12 @@ def test_write_cell_recipes_without_state(tmp_path):
     budgets = [7.5, 8.25, 8.5, 9.0, 10.0]
     cfgs = [str(tmp_path / rc.budget_slug(b) / "modelopt_quant_cfg.json") for b in budgets]
     ignores = [str(tmp_path / rc.budget_slug(b) / "ignore.yaml") for b in budgets]
+    nested_cfgs = [str(tmp_path / rc.budget_slug(b) / "nested" / "modelopt_quant_cfg.json") for b in budgets]
+    nested_ignores = [str(tmp_path / rc.budget_slug(b) / "nested" / "ignore.yaml") for b in budgets]
     out = write_cell_recipes(str(path), None, budgets, summary_json=str(tmp_path / "recipes.json"),
                                 summary_md=str(tmp_path / "recipes.md"), summary_html=str(tmp_path / "recipes.html"),
-                                quant_cfgs=cfgs, ignores=ignores, progress=lambda _: None)
+                                quant_cfgs=cfgs, ignores=ignores, nested_quant_cfgs=nested_cfgs,
+                                nested_ignores=nested_ignores, progress=lambda _: None)
     assert [r["feasible"] for r in out] == [False, True, True, True, True]
     for r in out[1:]:
         assert r["within_budget"] and r["achieved_bits"] <= r["budget_bits"] + 1e-9
@@ -435,6 +439,15 @@ def test_write_cell_recipes_without_state(tmp_path):
     assert parsed["ignore"] == out[2]["ignore"]
     assert "INFEASIBLE" in (tmp_path / "recipes.md").read_text()
     check_recipes(payload, manifest, (tmp_path / "recipes.md").read_text())
+    # nested recipes ship beside the optimal ones: their own quant_cfg and ignore list per budget
+    assert [n["files"]["ignore"] for n in payload["nested"]] == nested_ignores
+    nested_yaml = (tmp_path / "eb8.5" / "nested" / "ignore.yaml").read_text()
+    assert "nested recipe" in nested_yaml and yaml.safe_load(nested_yaml)["ignore"] == payload["nested"][2]["ignore"]
+    assert set(json.loads((tmp_path / "eb8.5" / "nested" / "modelopt_quant_cfg.json").read_text())) == {"quant_cfg", "algorithm"}
+    with pytest.raises(VlmsensError, match="nested"):
+        write_cell_recipes(str(path), None, budgets, summary_json=str(tmp_path / "r2.json"), summary_md=str(tmp_path / "r2.md"),
+                           quant_cfgs=cfgs, ignores=ignores, nested_quant_cfgs=nested_cfgs[:2], nested_ignores=nested_ignores[:2],
+                           progress=lambda _: None)
     frame = recipe_summary.recipes_frame([tmp_path / "recipes.json"])
     assert len(frame) == 5 and frame["feasible"].sum() == 4
     assert list(frame["achieved_bits"]) == [r["achieved_bits"] for r in out]

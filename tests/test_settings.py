@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vlmsens.config import AutoquantSettings, Settings, ValidationSettings, schema_defaults
+from vlmsens.config import AutoquantSettings, Settings, ValidationSettings, ladder_cells, ladder_settings, schema_defaults
 from vlmsens.errors import VlmsensError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,3 +52,19 @@ def test_a_format_without_a_bits_target_is_named():
     quant = AutoquantSettings.from_config({"effective_bits": {"wfp8_afp8": 8.5}})
     with pytest.raises(VlmsensError, match="autoquant.effective_bits has no target for format 'wint8_aint8'"):
         quant.effective_bits_of("wint8_aint8")
+
+
+def test_ladder_cells_default_to_the_largest_size_and_are_off_in_the_real_config():
+    demo = _validated(REPO / "config" / "demo.yaml")
+    ladder = Settings.from_config(demo).ship_this.ladder
+    assert ladder.enabled and ladder.sizes is None and ladder.bits_above_uniform[0] == 0.0
+    cells = ladder_cells(demo)
+    largest = max(demo["grid"]["sizes"], key=lambda s: demo["sizes"][s])
+    assert {c.size for c in cells} == {largest}
+    assert len(cells) == len(demo["grid"]["models"]) * len(demo["grid"]["formats"]) * len(demo["grid"]["scopes"])
+    demo["ship_this"]["ladder"].update(formats=["wint8_aint8"], scopes=["lm-only"], sizes=["small", "large"])
+    assert {(c.format, c.scope, c.size) for c in ladder_cells(demo)} == {("wint8_aint8", "lm-only", s) for s in ("small", "large")}
+    # which cells get a ladder is not what a ladder job computes: not in its params
+    assert set(ladder_settings(demo)) == {"bits_above_uniform", "random_draws"}
+    real = _validated(REPO / "config" / "config.yaml")
+    assert not Settings.from_config(real).ship_this.ladder.enabled and ladder_cells(real) == []

@@ -14,11 +14,12 @@ from . import provenance
 from .autoquant import CellSpec, run_autoquant
 from .batches import PromptSettings, encode_samples, load_samples, save_samples
 from .calib import read_calib_db
-from .config import AutoquantSettings, ValidationSettings
+from .config import AutoquantSettings, LadderSettings, ValidationSettings
 from .errors import VlmsensError
 from .families import get_family
 from .formats import format_bits, format_registry, resolve_format
 from .io import atomic_path, atomic_write_json, atomic_write_text
+from .ladder import run_ladder
 from .models import load_processor
 from .render import sensitivity_json, sensitivity_markdown
 from .reports.validate import validation_doc
@@ -225,6 +226,53 @@ def validate_cell(
         {"manifest": manifest_path, "samples": samples_path, "held_out_samples": eval_samples_path}, checkpoint=spec.checkpoint)
     doc["provenance"]["wall_time_s"] = round(time.perf_counter() - started, 3)
     atomic_write_text(outputs["markdown"], validation_doc(doc).to_markdown())
+    atomic_write_json(outputs["json"], doc)
+    return doc
+
+
+def ladder_cell(
+    *,
+    ladder_cfg: dict[str, Any],
+    manifest_path: str,
+    samples_path: str,
+    eval_samples_path: str,
+    outputs: dict[str, str],
+    progress: Callable[[str], None] = log.info,
+    **cell: Any,
+) -> dict[str, Any]:
+    """Measure the cell's recipes across a ladder of budgets on the held-out samples; writes ladder.json."""
+    started = time.perf_counter()
+    manifest = json.loads(Path(manifest_path).read_text())
+    # Calibrate exactly as the cell did (its own target, method and candidates), as rule validate does.
+    spec = replace(cell_spec(**cell), effective_bits=float(manifest["search"]["effective_bits_target"]),
+                   method=manifest["search"]["method"])
+    if [f.name for f in spec.formats] != manifest["cell"]["candidates"]:
+        raise VlmsensError(
+            f"{manifest_path} was made with formats {manifest['cell']['candidates']}, the config now gives "
+            f"{[f.name for f in spec.formats]}: rerun the cell")
+    calib, calib_meta = load_samples(samples_path)
+    held_out, eval_meta = load_samples(eval_samples_path)
+    for path, meta in ((samples_path, calib_meta), (eval_samples_path, eval_meta)):
+        if meta.get("scope") != spec.scope:
+            raise VlmsensError(f"{path} was prepared for scope {meta.get('scope')!r}, not {spec.scope!r}")
+    overlap = set(calib_meta.get("images", [])) & set(eval_meta.get("images", []))
+    if overlap:
+        raise VlmsensError(f"{eval_samples_path} shares {len(overlap)} image(s) with the calibration samples; "
+                           "the evaluation subset must be held out")
+    settings = LadderSettings.from_config(ladder_cfg, spec.seed)
+    progress(f"ladder {spec.model}/{spec.format_name}/{spec.scope}/{spec.size}: {len(calib)} calibration, "
+             f"{len(held_out)} held-out samples, {len(settings.bits_above_uniform)} rungs")
+    body = run_ladder(spec, manifest, calib, held_out, settings, progress=progress)
+    doc = {
+        "schema_version": 1,
+        "cell": {k: manifest["cell"][k] for k in ("model", "family", "format", "candidates", "scope", "size")},
+        **body,
+        "dataset": {"calibration": calib_meta.get("calib_meta"), "held_out": eval_meta.get("calib_meta"),
+                    "calibration_samples": str(samples_path), "held_out_samples": str(eval_samples_path)},
+    }
+    doc["provenance"] = provenance.collect(
+        {"manifest": manifest_path, "samples": samples_path, "held_out_samples": eval_samples_path}, checkpoint=spec.checkpoint)
+    doc["provenance"]["wall_time_s"] = round(time.perf_counter() - started, 3)
     atomic_write_json(outputs["json"], doc)
     return doc
 

@@ -99,6 +99,59 @@ class ValidationSettings:
         )
 
 
+def _nested_defaults(section: str, key: str) -> dict[str, Any]:
+    properties = _schema()["properties"][section]["properties"][key].get("properties", {})
+    return {name: prop["default"] for name, prop in properties.items() if "default" in prop}
+
+
+@dataclass(frozen=True)
+class LadderSettings:
+    """Rule ladder: which cells get a damage-vs-bits ladder, and its rungs (``ship_this.ladder``)."""
+
+    enabled: bool
+    sizes: tuple[str, ...] | None
+    formats: tuple[str, ...] | None
+    scopes: tuple[str, ...] | None
+    bits_above_uniform: tuple[float, ...]
+    random_draws: int
+    seed: int
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | None, seed: int) -> LadderSettings:
+        cfg = {**_nested_defaults("ship_this", "ladder"), **(cfg or {})}
+
+        def names(key: str) -> tuple[str, ...] | None:
+            return None if cfg[key] is None else tuple(str(v) for v in cfg[key])
+
+        return cls(
+            enabled=bool(cfg["enabled"]),
+            sizes=names("sizes"),
+            formats=names("formats"),
+            scopes=names("scopes"),
+            bits_above_uniform=tuple(sorted(float(b) for b in cfg["bits_above_uniform"])),
+            random_draws=int(cfg["random_draws"]),
+            seed=int(seed),
+        )
+
+
+@dataclass(frozen=True)
+class ShipThisSettings:
+    """The consensus view's thresholds (``ship_this``) and the ladder's settings."""
+
+    top_fraction: float
+    safe_fraction: float
+    ladder: LadderSettings
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | None, seed: int) -> ShipThisSettings:
+        cfg = _section(cfg, "ship_this")
+        return cls(
+            top_fraction=float(cfg["top_fraction"]),
+            safe_fraction=float(cfg["safe_fraction"]),
+            ladder=LadderSettings.from_config(cfg["ladder"], seed),
+        )
+
+
 @dataclass(frozen=True)
 class Settings:
     """The whole validated config, once: what the rules and the jobs read."""
@@ -109,6 +162,7 @@ class Settings:
     validation: ValidationSettings
     validate: bool
     budgets: tuple[float, ...]
+    ship_this: ShipThisSettings
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Settings:
@@ -120,6 +174,7 @@ class Settings:
             validation=ValidationSettings.from_config(config["validation"], seed),
             validate=bool(_section(config["validation"], "validation")["enabled"]),
             budgets=tuple(float(b) for b in _section(config["report"], "report")["budgets"]),
+            ship_this=ShipThisSettings.from_config(config.get("ship_this"), seed),
         )
 
 
@@ -134,6 +189,19 @@ class Cell:
 def grid_cells(config: dict[str, Any]) -> list[Cell]:
     grid = config["grid"]
     return [Cell(*c) for c in itertools.product(grid["models"], grid["formats"], grid["scopes"], grid["sizes"])]
+
+
+def ladder_cells(config: dict[str, Any]) -> list[Cell]:
+    """The cells rule ladder measures: by default each format × scope of every model at the largest size."""
+    ladder = LadderSettings.from_config((config.get("ship_this") or {}).get("ladder"), int(config["seed"]))
+    if not ladder.enabled:
+        return []
+    grid = config["grid"]
+    largest = max(grid["sizes"], key=lambda size: (int(config["sizes"][size]), size))
+    sizes = ladder.sizes or (largest,)
+    formats = ladder.formats or tuple(grid["formats"])
+    scopes = ladder.scopes or tuple(grid["scopes"])
+    return [c for c in grid_cells(config) if c.size in sizes and c.format in formats and c.scope in scopes]
 
 
 def is_demo_model(config: dict[str, Any], model: str) -> bool:
@@ -192,6 +260,12 @@ def check_config(config: dict[str, Any], *, check_paths: bool = True, check_merg
     for size in grid["sizes"]:
         if size not in config["sizes"]:
             raise VlmsensError(f"grid.sizes names {size!r}, which is not a key of 'sizes' (known: {sorted(config['sizes'])})")
+    ladder = (config.get("ship_this") or {}).get("ladder") or {}
+    for key in ("sizes", "formats", "scopes"):
+        unknown = [v for v in ladder.get(key) or [] if v not in grid[key]]
+        if unknown:
+            raise VlmsensError(f"ship_this.ladder.{key} names {unknown}, not in grid.{key} ({grid[key]}); "
+                               "a ladder measures cells of the grid only")
     prompts = config["prompts"]
     if prompts["min_pixels"] > prompts["max_pixels"]:
         raise VlmsensError(f"prompts.min_pixels ({prompts['min_pixels']}) exceeds prompts.max_pixels ({prompts['max_pixels']})")
@@ -256,6 +330,18 @@ SCOPE_PROMPT_KEYS = {"lm-only": ("text_instruction",), "all-layers": ("image_ins
 def prompt_settings(config: dict[str, Any], scope: str) -> dict[str, Any]:
     """The ``prompts`` keys samples of ``scope`` depend on: caption-only samples use no image settings."""
     return {key: config["prompts"][key] for key in SCOPE_PROMPT_KEYS[scope]}
+
+
+def ship_this_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The ``ship_this`` keys the consensus table depends on (not the ladder's)."""
+    section = _section(config.get("ship_this"), "ship_this")
+    return {key: section[key] for key in ("top_fraction", "safe_fraction")}
+
+
+def ladder_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The ``ship_this.ladder`` keys a ladder job's output depends on (not which cells get one)."""
+    ladder = {**_nested_defaults("ship_this", "ladder"), **(_section(config.get("ship_this"), "ship_this")["ladder"] or {})}
+    return {key: ladder[key] for key in ("bits_above_uniform", "random_draws")}
 
 
 def validation_settings(config: dict[str, Any]) -> dict[str, Any]:

@@ -383,6 +383,8 @@ def ignore_yaml(recipe: dict[str, Any]) -> str:
         f"# vlmsens recipe: {cell['model']} / {cell['format']} / {cell['scope']} / {cell['size']}"
         f" at <= {recipe['budget_bits']:g} effective bits",
     ]
+    if recipe.get("kind") == "nested":
+        lines.append("# nested recipe (greedy by score per cost): every larger budget's nested recipe keeps these groups in BF16 too")
     if recipe["feasible"]:
         lines.append(
             f"# achieved {recipe['achieved_bits']:.4f} bits; predicted score {recipe['predicted_score_per_token']:.4e} per caption token;"
@@ -517,3 +519,119 @@ def agreement_text(check: dict[str, Any]) -> str:
     if gap > 0:
         return f"no: ModelOpt's pick scores {gap:+.3%} above the exact optimum"
     return f"no: the MILP's pick scores {-gap:+.3%} above ModelOpt's"
+
+
+# --------------------------------------------------------------------------------------------
+# Nested recipes: greedy by score per cost
+#
+# The optimal recipe of each budget is its own knapsack: a group kept in BF16 at 8.25 bits may be
+# quantized at 8.5 bits (the bits go to two cheaper groups instead). A nested recipe spends bits in
+# one fixed order, the move that removes the most score per unit of cost first, so that a larger
+# budget only ever raises groups' precision: one ladder of recipes, each containing the one below.
+
+
+def _step_cost(group: dict[str, Any], choice: str) -> float:
+    return float(group["costs"][choice])
+
+
+def greedy_upgrades(manifest: dict[str, Any]) -> list[tuple[str, str]]:
+    """The order a nested recipe spends bits in: ``(layer, choice)`` moves from the most compressed recipe.
+
+    Each move switches one group to a costlier choice with a lower (clipped) score, the one with
+    the largest score removed per unit of cost first (ties: the cheaper move, then the layer name).
+    Moves that remove no score are never made.
+    """
+    current = cheapest_selection(manifest)
+    groups = manifest["groups"]
+    moves: list[tuple[str, str]] = []
+    while True:
+        best = None
+        for g in groups:
+            now = current[g["layer"]]
+            cost_now, score_now = _step_cost(g, now), choice_score(g, now)
+            for choice in choices_of(g):
+                extra_cost = _step_cost(g, choice) - cost_now
+                gain = score_now - choice_score(g, choice)
+                if extra_cost <= 0 or gain <= 0:
+                    continue
+                key = (-gain / extra_cost, extra_cost, g["layer"], choice)
+                if best is None or key < best:
+                    best = key
+        if best is None:
+            return moves
+        _, _, layer, choice = best
+        current[layer] = choice
+        moves.append((layer, choice))
+
+
+def nested_selection(
+    manifest: dict[str, Any], budget_bits: float, moves: list[tuple[str, str]] | None = None, model: CostModel | None = None,
+) -> Solution:
+    """The longest prefix of :func:`greedy_upgrades` that stays within ``budget_bits``.
+
+    A prefix, not a fill: skipping a move that does not fit to take a later one would break the
+    nesting (a larger budget takes the skipped move and may then lack room for the later one).
+    """
+    model = model or cost_model(manifest)
+    moves = greedy_upgrades(manifest) if moves is None else moves
+    selection = cheapest_selection(manifest)
+    low_bits = bits_of(manifest, selection, model)
+    if low_bits > budget_bits * (1 + BUDGET_RTOL):
+        return Solution(selection, False, f"infeasible: the fewest achievable effective bits are {low_bits:.4f}")
+    for layer, choice in moves:
+        trial = {**selection, layer: choice}
+        if bits_of(manifest, trial, model) > budget_bits * (1 + BUDGET_RTOL):
+            break
+        selection = trial
+    return Solution(selection, True, "greedy prefix")
+
+
+def nested_recipes(manifest: dict[str, Any], budgets: list[float]) -> list[dict[str, Any]]:
+    """The nested recipe of every budget (lowest budget first), with the fields of :func:`make_recipe`
+    that describe a selection, its ModelOpt quant_cfg built from the manifest, and its ignore list."""
+    model = cost_model(manifest)
+    moves = greedy_upgrades(manifest)
+    cell = {k: manifest["cell"][k] for k in ("model", "family", "format", "scope", "size")}
+    out = []
+    for budget in sorted(float(b) for b in budgets):
+        solution = nested_selection(manifest, budget, moves, model)
+        selection = solution.selection
+        kept = [g["layer"] for g in manifest["groups"] if selection[g["layer"]] == NO_QUANT]
+        quant_cfg = with_bf16_guards(quant_cfg_from_manifest(manifest, selection), manifest, selection)
+        algorithm = _algorithm(manifest, selection)
+        if algorithm is not None:
+            quant_cfg["algorithm"] = algorithm
+        out.append({
+            "kind": "nested",
+            "cell": cell,
+            "budget_bits": budget,
+            "feasible": solution.feasible,
+            "status": solution.status,
+            "achieved_bits": bits_of(manifest, selection, model),
+            "predicted_score": score_of(manifest, selection),
+            "predicted_score_per_token": score_of(manifest, selection, "per_token"),
+            "groups": len(manifest["groups"]),
+            "groups_bf16": len(kept),
+            "kept_bf16": kept,
+            "lm_head_quantized": any(g["tower"] == "head" and selection[g["layer"]] != NO_QUANT for g in manifest["groups"]),
+            "selection": {g["layer"]: selection[g["layer"]] for g in manifest["groups"]},
+            "ignore": ignore_list(manifest, selection),
+            "quant_cfg": quant_cfg,
+        })
+    return out
+
+
+def is_nested(selections: list[dict[str, str]], manifest: dict[str, Any]) -> bool:
+    """Whether each selection (lowest budget first) gives every group a cost at least its cost in the one before."""
+    groups = manifest["groups"]
+    return all(
+        _step_cost(g, later[g["layer"]]) >= _step_cost(g, earlier[g["layer"]])
+        for earlier, later in zip(selections, selections[1:], strict=False) for g in groups
+    )
+
+
+def score_per_cost(group: dict[str, Any], fmt: str) -> float:
+    """Score removed per unit of cost saved by keeping ``group`` in BF16 instead of ``fmt``: what the
+    solver weighs, where a ranking weighs the score alone."""
+    saved = float(group["costs"].get(NO_QUANT, group["uncompressed_cost"])) - float(group["costs"][fmt])
+    return choice_score(group, fmt) / saved if saved > 0 else math.inf

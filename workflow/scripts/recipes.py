@@ -11,4 +11,5 @@ run_logged(
     snakemake.input.manifest, snakemake.input.state, list(snakemake.params.budgets),
     summary_json=out.summary_json, summary_md=out.summary_md, summary_html=out.summary_html,
     quant_cfgs=list(out.quant_cfgs), ignores=list(out.ignores),
+    nested_quant_cfgs=list(out.nested_quant_cfgs), nested_ignores=list(out.nested_ignores),
 )

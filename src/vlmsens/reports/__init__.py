@@ -13,9 +13,12 @@ One module per analysis, each registered in :mod:`vlmsens.reports.registry` (whi
 * (f) ``depth_profile``: model families by relative depth (only when the grid holds two families);
 * ``recipe_summary``: the re-solved recipes of every budget;
 * (g) ``validation_report`` and ``validation_plot``: verdict per cell and predicted score vs
-  measured damage (from ``validation.json``).
+  measured damage (from ``validation.json``);
+* "Ship this": ``ship_this``, the groups every cell ranks top (keep in BF16 first) or safe, with the
+  evidence per cell, and ``damage_vs_bits``, measured damage of the recipes across a ladder of
+  budgets (from ``ladder.json``, rule ``ladder``).
 
-Analyses read ``quant_manifest.json`` (or recipes.json / validation.json) only, never the model
+Analyses read ``quant_manifest.json`` (or recipes.json / validation.json / ladder.json) only, never the model
 or the .pt state. Each writes data frames as CSV and a :class:`~vlmsens.reports.doc.Doc` as
 Markdown and as a small HTML page for ``snakemake --report``, and says "not applicable" with the
 reason when the grid lacks what it compares, instead of failing. ``recipes`` and ``validate`` hold

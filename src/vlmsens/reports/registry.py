@@ -16,12 +16,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 LEVELS = ("global", "model", "cell")
-# What an analysis reads: the autoquant manifests, the recipes.json of rule recipes, or the
-# validation.json of rule validate (one file for a cell-level analysis, a list otherwise).
-READS = ("manifests", "recipes", "validations")
-# When the default target asks for an analysis: always, only with validation enabled, or only
-# when the grid holds two model families.
-REQUIRES = (None, "validation", "two_families")
+# What an analysis reads: the autoquant manifests, the recipes.json of rule recipes, the
+# validation.json of rule validate, or the ladder.json of rule ladder (one file for a cell-level
+# analysis, a list otherwise).
+READS = ("manifests", "recipes", "validations", "ladders")
+# When the default target asks for an analysis: always, only with validation enabled, only
+# when the grid holds two model families, or only when some cell gets a ladder (ship_this.ladder).
+REQUIRES = (None, "validation", "two_families", "ladder")
+# The rule params an analysis may ask for (each changes its output): the grid's size and format
+# orders, and the ship_this thresholds.
+PARAMS = ("size_order", "format_order", "ship_this")
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,7 @@ class Analysis:
             raise ValueError(f"analysis {self.name}: reads {self.reads!r} is not one of {READS}")
         if self.requires not in REQUIRES:
             raise ValueError(f"analysis {self.name}: requires {self.requires!r} is not one of {REQUIRES}")
-        unknown = set(self.params) - {"size_order", "format_order"}
+        unknown = set(self.params) - set(PARAMS)
         if unknown:
             raise ValueError(f"analysis {self.name}: unknown params {sorted(unknown)}")
 

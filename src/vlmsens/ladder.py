@@ -1,0 +1,162 @@
+"""Measured damage against effective bits: what each budget's recipe really costs in quality.
+
+Rule ``recipes`` re-solves a cell for other budgets from its stored scores; the scores predict the
+damage, nobody measures it. A ladder takes a range of budgets above the cell's fewest achievable
+bits (``ship_this.ladder.bits_above_uniform``) and, for each rung, applies to the cell's calibrated
+search model
+
+* the **optimal** recipe (the exact MILP of :mod:`vlmsens.recipes`, as rule ``recipes`` ships it),
+* the **nested** recipe (greedy by score per cost: each rung keeps the BF16 groups of the one below),
+* **random** recipes of the same bits as the optimal one (seeded draws),
+
+and measures, on the held-out evaluation subset, the KL divergence from the BF16 model and the
+caption-loss change per caption token, with uniform quantization (the lowest rung's bits) and BF16
+(no damage) on the same axes. It reuses the measuring machinery of :mod:`vlmsens.validation`: the
+cell's search model calibrated as the cell was, one ``RecipeSwitch`` over its groups, one
+``Evaluator`` against the BF16 reference on the same tokens for every point.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+from .autoquant import NO_QUANT, CellSpec, PhaseClock, _device_info, _peak_memory, device_batches
+from .batches import batch_stats
+from .config import LadderSettings
+from .errors import VlmsensError
+from .recipes import bits_of, bits_range, cost_model, greedy_upgrades, is_nested, nested_selection, score_of, solve_budget
+from .validation import (
+    Evaluator,
+    RecipeSwitch,
+    load_cell_model,
+    random_recipe_same_budget,
+    ranking_format,
+    search,
+    uniform_selection,
+)
+
+log = logging.getLogger(__name__)
+
+MEASURES = ("kl", "loss_increase")
+
+
+def ladder_budgets(manifest: dict[str, Any], bits_above_uniform: tuple[float, ...] | list[float]) -> list[float]:
+    """The rungs: the cell's fewest achievable bits plus each offset, up to its most bits (ascending)."""
+    low, high = bits_range(manifest)
+    return sorted({round(low + float(b), 6) for b in bits_above_uniform if low + float(b) <= high + 1e-9})
+
+
+def describe(manifest: dict[str, Any], selection: dict[str, str]) -> dict[str, Any]:
+    """What a measured point is, before measuring: its bits, BF16 groups and predicted score."""
+    return {
+        "bits": bits_of(manifest, selection),
+        "groups_bf16": sum(v == NO_QUANT for v in selection.values()),
+        "predicted_score_per_token": score_of(manifest, selection, "per_token"),
+    }
+
+
+def ladder_plan(manifest: dict[str, Any], settings: LadderSettings, rng) -> dict[str, Any]:
+    """Every selection a ladder measures, from the manifest alone (no model): rungs, uniform, BF16."""
+    groups = manifest["groups"]
+    if not groups:
+        raise VlmsensError("the cell has no searched group to build a ladder from")
+    fmt = ranking_format(manifest)
+    model = cost_model(manifest)
+    moves = greedy_upgrades(manifest)
+    rungs = []
+    for budget in ladder_budgets(manifest, settings.bits_above_uniform):
+        optimal = solve_budget(manifest, budget, model).selection
+        nested = nested_selection(manifest, budget, moves, model).selection
+        same_bits = bits_of(manifest, optimal, model)
+        randoms = [random_recipe_same_budget(manifest, fmt, same_bits, rng) for _ in range(settings.random_draws)]
+        rungs.append({"budget_bits": budget, "optimal": optimal, "nested": nested, "random": randoms})
+    return {
+        "ranking_format": fmt,
+        "uniform": uniform_selection(groups, fmt),
+        "bf16": uniform_selection(groups, fmt, set()),
+        "rungs": rungs,
+    }
+
+
+def _mean(points: list[dict[str, Any]]) -> dict[str, float]:
+    import numpy as np
+
+    return {m: float(np.mean([p[m] for p in points])) for m in (*MEASURES, "bits")} if points else {}
+
+
+def run_ladder(
+    spec: CellSpec,
+    manifest: dict[str, Any],
+    calib_samples: list[dict],
+    eval_samples: list[dict],
+    settings: LadderSettings,
+    *,
+    progress: Callable[[str], None] = log.info,
+) -> dict[str, Any]:
+    """Measure every point of the cell's ladder on the held-out samples; returns the body of ladder.json."""
+    import numpy as np
+
+    clock = PhaseClock(progress)
+    plan = ladder_plan(manifest, settings, np.random.default_rng(settings.seed))
+    layers = [g["layer"] for g in manifest["groups"]]
+
+    model, calib_batches, device, dtype, batch_plan = load_cell_model(spec, calib_samples, clock)
+    eval_batches = device_batches(model, eval_samples, batch_plan["batch_size"], device, dtype)
+    clock.enter("calibrate", f"{len(calib_samples)} calibration samples, as the cell")
+    model, _, _, _ = search(model, spec, calib_batches, clock, num_score_steps=1)
+    switch = RecipeSwitch(model, spec.formats, layers)
+    evaluator = Evaluator(model, eval_batches)
+
+    clock.enter("reference", f"BF16 on {len(eval_samples)} held-out samples")
+    switch.apply(plan["bf16"])
+    reference_loss = evaluator.set_reference()
+    n_measured = 0
+
+    def measure(selection: dict[str, str]) -> dict[str, Any]:
+        nonlocal n_measured
+        switch.apply(selection)
+        n_measured += 1
+        return {**evaluator.measure(), **describe(manifest, selection)}
+
+    clock.enter("ladder", f"{len(plan['rungs'])} budgets × (optimal, nested, {settings.random_draws} random) + uniform")
+    uniform = measure(plan["uniform"])
+    rungs = []
+    for rung in plan["rungs"]:
+        optimal, nested = measure(rung["optimal"]), measure(rung["nested"])
+        draws = [measure(selection) for selection in rung["random"]]
+        rungs.append({
+            "budget_bits": rung["budget_bits"],
+            "optimal": {**optimal, "kept_bf16": sorted(k for k, v in rung["optimal"].items() if v == NO_QUANT)},
+            "nested": {**nested, "kept_bf16": sorted(k for k, v in rung["nested"].items() if v == NO_QUANT)},
+            "random": {
+                "draws": draws,
+                "mean": _mean(draws),
+                "min": {m: min(d[m] for d in draws) for m in MEASURES} if draws else {},
+                "max": {m: max(d[m] for d in draws) for m in MEASURES} if draws else {},
+            },
+        })
+        progress(f"ladder: {rung['budget_bits']:g} bits: KL optimal {optimal['kl']:.4g} ({optimal['bits']:.3f} bits), "
+                 f"nested {nested['kl']:.4g} ({nested['bits']:.3f}), random mean {_mean(draws).get('kl', float('nan')):.4g}")
+    switch.apply(plan["bf16"])
+
+    low, high = bits_range(manifest)
+    return {
+        "ranking_format": plan["ranking_format"],
+        "n_groups": len(layers),
+        "damage_measure": "KL divergence BF16 → quantized, per caption token (nats)",
+        "settings": asdict(settings),
+        "bits_range": [low, high],
+        "eval": {**batch_stats(eval_batches), "bf16_loss": reference_loss, "tokens": evaluator.tokens,
+                 "configurations_measured": n_measured},
+        "uniform": uniform,
+        "bf16": {"bits": high, "kl": 0.0, "loss_increase": 0.0},
+        "rungs": rungs,
+        "nested_is_nested": is_nested([r["nested"] for r in plan["rungs"]], manifest),
+        "device": _device_info(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "timings_s": clock.stop(),
+        "peak_memory": _peak_memory(device),
+    }
