@@ -384,6 +384,7 @@ def test_reused_vision_features_measure_what_a_full_forward_does(family, tiny_ch
     evaluator = Evaluator(model, device_batches(model, load_samples(paths["eval"])[0], 4, device, dtype))
     assert evaluator.vision.supported
     switch.apply({})
+    evaluator.vision_bf16 = True
     evaluator.set_reference()
     assert len(evaluator.vision) == len(evaluator.batches)  # filled by the BF16 reference pass
 

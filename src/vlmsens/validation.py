@@ -177,8 +177,9 @@ class RecipeSwitch:
 class Evaluator:
     """Caption-token loss and KL to the BF16 model on the held-out batches.
 
-    While ``vision_bf16`` is set (the configuration quantizes no vision group), the vision tower's
-    output is reused from the first such forward instead of recomputed (``vlmsens.vision_reuse``).
+    While ``vision_bf16`` is set (the caller's promise that the configuration quantizes no vision
+    group), the vision tower's output is reused from the first such forward instead of recomputed
+    (``vlmsens.vision_reuse``); off by default, so a caller that does not track towers recomputes.
     """
 
     def __init__(self, model, batches: list[dict]):
@@ -186,7 +187,7 @@ class Evaluator:
         self.reference = None
         self.tokens = 0
         self.vision = VisionFeatures(model)
-        self.vision_bf16 = True
+        self.vision_bf16 = False
 
     def _forward(self):
         import torch
