@@ -99,6 +99,29 @@ class ValidationSettings:
         )
 
 
+# Below this KL per caption token an export and its fake-quantized model agree, whatever a recipe's
+# damage: float rounding of the same arithmetic flips a few activations across a rounding boundary
+# of their quantization grid (about 1e-6 on the tiny demo models; docs/DESIGN.md, "Export").
+KL_FLOOR = 1e-5
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """How rule export checks an exported checkpoint (recorded in vlmsens-export.json)."""
+
+    check_samples: int
+    max_kl_ratio: float
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | None) -> ExportSettings:
+        cfg = _section(cfg, "export")
+        return cls(check_samples=int(cfg["check_samples"]), max_kl_ratio=float(cfg["max_kl_ratio"]))
+
+    def kl_limit(self, recipe_kl: float) -> float:
+        """How far the reloaded export may drift from the fake-quantized model: a share of the recipe's own damage."""
+        return max(self.max_kl_ratio * recipe_kl, KL_FLOOR)
+
+
 @dataclass(frozen=True)
 class Settings:
     """The whole validated config, once: what the rules and the jobs read."""
@@ -134,6 +157,26 @@ class Cell:
 def grid_cells(config: dict[str, Any]) -> list[Cell]:
     grid = config["grid"]
     return [Cell(*c) for c in itertools.product(grid["models"], grid["formats"], grid["scopes"], grid["sizes"])]
+
+
+def parse_cell(text: str) -> Cell:
+    """'model/format/scope/size' as a Cell (the layout of the cells' output folders)."""
+    parts = text.split("/")
+    if len(parts) != 4 or not all(parts):
+        raise VlmsensError(f"{text!r} is not a cell: write model/format/scope/size, e.g. qwen2_5_vl_3b/wfp8_afp8/all-layers/medium")
+    return Cell(*parts)
+
+
+def export_targets(config: dict[str, Any]) -> list[tuple[Cell, float]]:
+    """(cell, budget) of every export the config asks for: each of ``export.cells`` at each of
+    ``export.budgets``, or at the cell's own effective-bits target when that list is empty."""
+    section = _section(config.get("export"), "export")
+    targets = []
+    for text in section["cells"]:
+        cell = parse_cell(text)
+        budgets = section["budgets"] or [config["autoquant"]["effective_bits"][cell.format]]
+        targets += [(cell, float(b)) for b in budgets]
+    return targets
 
 
 def is_demo_model(config: dict[str, Any], model: str) -> bool:
@@ -192,6 +235,15 @@ def check_config(config: dict[str, Any], *, check_paths: bool = True, check_merg
     for size in grid["sizes"]:
         if size not in config["sizes"]:
             raise VlmsensError(f"grid.sizes names {size!r}, which is not a key of 'sizes' (known: {sorted(config['sizes'])})")
+    cells = set(grid_cells(config))
+    for i, text in enumerate(_section(config.get("export"), "export")["cells"]):
+        try:
+            cell = parse_cell(text)
+        except VlmsensError as err:
+            raise VlmsensError(f"export.cells[{i}]: {err}") from None
+        if cell not in cells:
+            raise VlmsensError(f"export.cells[{i}] names {text!r}, which is not a cell of the grid (grid.models, grid.formats, "
+                               "grid.scopes, grid.sizes)")
     prompts = config["prompts"]
     if prompts["min_pixels"] > prompts["max_pixels"]:
         raise VlmsensError(f"prompts.min_pixels ({prompts['min_pixels']}) exceeds prompts.max_pixels ({prompts['max_pixels']})")
@@ -256,6 +308,11 @@ SCOPE_PROMPT_KEYS = {"lm-only": ("text_instruction",), "all-layers": ("image_ins
 def prompt_settings(config: dict[str, Any], scope: str) -> dict[str, Any]:
     """The ``prompts`` keys samples of ``scope`` depend on: caption-only samples use no image settings."""
     return {key: config["prompts"][key] for key in SCOPE_PROMPT_KEYS[scope]}
+
+
+def export_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The ``export`` section without ``cells`` and ``budgets`` (which pick targets, not what a job computes)."""
+    return {k: v for k, v in sorted(_section(config.get("export"), "export").items()) if k not in ("cells", "budgets")}
 
 
 def validation_settings(config: dict[str, Any]) -> dict[str, Any]:
