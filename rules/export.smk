@@ -17,7 +17,7 @@ rule export:
             caption="../docs/report/export.rst",
             category="{model}",
             subcategory="Exported checkpoints",
-            labels={"item": "export check", "format": "{format}", "scope": "{scope}", "size": "{size}", "bits": "{budget}"},
+            labels={"item": "export at {budget} bits (check)", "format": "{format}", "scope": "{scope}", "size": "{size}"},
         ),
     params:
         checkpoint=checkpoint_of,
