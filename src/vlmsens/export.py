@@ -178,6 +178,8 @@ def export_recipe(
         export_hf_checkpoint(model, export_dir=tmp)
         load_processor(spec.checkpoint).save_pretrained(tmp)
         del model, against_bf16.model, against_fake.model
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()  # the reloaded copy takes the quantized model's place, not a second one
         clock.enter("check", "reload the folder and compare with the fake-quantized model")
         reloaded, exported_formats = load_exported(tmp, device)
         against_bf16.model = against_fake.model = reloaded
