@@ -180,3 +180,29 @@ def test_cli_export_names_the_targets_of_the_cell(tmp_path):
         "out/export/m/wfp8_afp8/lm-only/small/bits-9", "out/export/m/wfp8_afp8/lm-only/small/bits-8.25"]
     with pytest.raises(VlmsensError, match="effective_bits.wint8_aint8"):
         cli_targets("m/wint8_aint8/lm-only/small", [], config)
+
+
+def test_an_export_that_differs_from_its_recipe_fails_the_check_and_leaves_no_folder(
+        tiny_checkpoints, export_dbs, demo_coco, tmp_path, monkeypatch):
+    """A wrong scale in the files (here: one layer's dequantized weight 1.5× too large) is damage the
+    fake-quantized model does not have: the check fails and the folder never appears."""
+    import torch
+
+    import vlmsens.export as export_module
+
+    read_back = export_module.load_exported
+
+    def with_a_wrong_scale(folder, device):
+        model, formats = read_back(folder, device)
+        layer = dict(model.named_modules())["model.language_model.layers.1.mlp.down_proj"]
+        with torch.no_grad():
+            layer.weight.mul_(1.5)
+        return model, formats
+
+    monkeypatch.setattr(export_module, "load_exported", with_a_wrong_scale)
+    family = "qwen2_5_vl"
+    job = _cell(tiny_checkpoints[family], family, "wfp8_afp8", "lm-only", export_dbs, demo_coco, tmp_path / "work")
+    outputs = _outputs(tmp_path / "export")
+    with pytest.raises(VlmsensError, match="export check failed"):
+        export_cell(**job, budget=8.0, outputs=outputs, progress=lambda _: None)  # 8 bits: every group FP8
+    assert not (tmp_path / "export").exists() or not any((tmp_path / "export").iterdir())
