@@ -18,6 +18,7 @@ include: "rules/calib.smk"
 include: "rules/autoquant.smk"
 include: "rules/report.smk"
 include: "rules/validate.smk"
+include: "rules/export.smk"
 include: "rules/ladder.smk"
 
 
@@ -26,6 +27,7 @@ wildcard_constraints:
     format=FORMAT_RE,
     scope=SCOPE_RE,
     size=SIZE_RE,
+    budget=BUDGET_RE,
 
 
 rule all:
@@ -36,4 +38,5 @@ rule all:
         analyses=analysis_targets(),
         recipes=per_cell(rules.recipes.output.summary_json),
         validation=validation_outputs(),
+        exports=export_outputs(),
         ladders=ladder_outputs(),

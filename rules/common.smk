@@ -7,6 +7,8 @@ from vlmsens.config import (
     Settings,
     autoquant_settings,
     check_config,
+    export_settings,
+    export_targets,
     format_settings,
     grid_cells,
     is_demo_coco,
@@ -293,4 +295,18 @@ def analysis_targets():
                 targets += expand(path, model=GRID["models"])
             else:
                 targets += per_cell(path)
+    return targets
+
+
+# --- Exports (rules/export.smk) ---------------------------------------------------------------
+EXPORT_DIR = f"{OUT}/export/{{model}}/{{format}}/{{scope}}/{{size}}"
+BUDGET_RE = r"[0-9]+(\.[0-9]+)?"
+
+
+def export_outputs():
+    """Every export of export.cells at export.budgets (or the cell's own target): folder and page."""
+    targets = []
+    for cell, budget in export_targets(config):
+        base = EXPORT_DIR.format(model=cell.model, format=cell.format, scope=cell.scope, size=cell.size)
+        targets += [f"{base}/bits-{budget:g}", f"{base}/bits-{budget:g}.md", f"{base}/bits-{budget:g}.html"]
     return targets

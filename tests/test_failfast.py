@@ -308,7 +308,8 @@ def test_new_target_for_one_format_reruns_only_that_formats_cells(tmp_path):
     assert summary.returncode == 0, summary.stderr[-3000:]
     for line in summary.stdout.splitlines()[1:]:
         path = workdir / line.split("\t")[0]
-        if "/inputs/" in str(path):  # demo_coco and demo_checkpoint outputs are folders
+        # demo_coco, demo_checkpoint and export outputs are folders
+        if "/inputs/" in str(path) or re.search(r"/export/.*/bits-[0-9.]+$", str(path)):
             path.mkdir(parents=True, exist_ok=True)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ PER_MODEL_ITEMS = (
 SUBCATEGORIES = (
     "Per-group sensitivity", "(a) Rank stability across sizes", "(b) Format comparison (FP8 vs INT8)",
     "(c) LM-only vs all-layers", "(d) Towers: vision / text / head", "(e) Heatmaps: block × sublayer",
-    "Recipes per effective-bits budget", "(g) Validation of the ranking",
+    "Recipes per effective-bits budget", "(g) Validation of the ranking", "Exported checkpoints",
 )
 
 pytestmark = pytest.mark.workflow

@@ -19,8 +19,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "vlmsens"
 # Bottom to top (docs/DESIGN.md, "Layers"). A module may import its own layer or a lower one.
 LAYERS = {
     "core": {"vlmsens", "errors", "io", "failures", "logs", "formats", "scopes", "families", "preflight", "config", "provenance"},
-    "data": {"calib", "batches", "models", "attention", "vision_reuse", "demo"},
-    "compute": {"calibration", "autoquant", "validation", "recipes", "ladder"},
+    "data": {"calib", "batches", "models", "attention", "vision_reuse", "demo", "exported"},
+    "compute": {"calibration", "autoquant", "validation", "recipes", "ladder", "export"},
     "presentation": {"render", "reports"},
     "jobs": {"cell", "cli", "worker", "gpupool"},
 }

@@ -59,6 +59,17 @@ def test_demo_writes_every_cell_and_the_report(demo_run):
     # Every job left a log and a benchmark record.
     assert len(list((out / "logs" / "autoquant").rglob("*.log"))) == 24
     assert len(list((out / "benchmarks" / "autoquant").rglob("*.tsv"))) == 24
+    # One checked export per demo model (export.cells), with its report page.
+    exports = sorted(out.glob("export/*/*/*/*/bits-*/vlmsens-export.json"))
+    assert [p.relative_to(out / "export").parts[:5] for p in exports] == [
+        ("tiny_qwen2_5_vl", "wfp8_afp8", "lm-only", "small", "bits-8.5"),
+        ("tiny_qwen3_vl", "wint8_aint8", "all-layers", "small", "bits-8.5")]
+    for path in exports:
+        doc = json.loads(path.read_text())
+        assert doc["check"]["passed"] and doc["check"]["kl_exported_vs_fake_quant"] <= doc["check"]["max_kl"]
+        assert (path.parent / "hf_quant_config.json").is_file() and (path.parent / "tokenizer.json").is_file()
+        assert str(path.parent.relative_to(workdir)) in Path(f"{path.parent}.md").read_text()
+    assert not any("visual" in name for name in json.loads(exports[0].read_text())["exported_layers"])
     manifest = json.loads((out / "autoquant/tiny_qwen3_vl/wint8_aint8/all-layers/large/quant_manifest.json").read_text())
     assert manifest["batches"]["samples"] == 32
     assert manifest["cell"] == {

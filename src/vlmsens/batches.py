@@ -45,6 +45,19 @@ def _messages(caption: str | None, with_image: bool, settings: PromptSettings) -
     return messages
 
 
+def load_image(path: Path, processor, settings: PromptSettings):
+    """The image as Qwen's inference code prepares it: ``qwen_vl_utils.fetch_image`` with the
+    configured pixel bounds and the checkpoint's patch size (14 for Qwen2.5-VL, 16 for Qwen3-VL),
+    i.e. RGB, resized so both sides are multiples of patch size × spatial merge."""
+    from qwen_vl_utils import fetch_image
+
+    element = {"image": str(path), "min_pixels": settings.min_pixels, "max_pixels": settings.max_pixels}
+    try:
+        return fetch_image(element, image_patch_size=processor.image_processor.patch_size)
+    except Exception as err:
+        raise VlmsensError(f"cannot read calibration image {path}: {err}") from None
+
+
 def encode_sample(processor, sample: CalibSample, coco_root: Path | None, with_image: bool, settings: PromptSettings) -> dict:
     """Token ids, caption-only labels and (for image samples) pixel inputs of one sample."""
     import torch
@@ -60,15 +73,9 @@ def encode_sample(processor, sample: CalibSample, coco_root: Path | None, with_i
     caption_text = full[: caption_start + len(sample.caption)]
     kwargs: dict[str, Any] = {"return_tensors": "pt"}
     if with_image:
-        from PIL import Image
-
-        path = Path(coco_root) / sample.image_relpath
-        try:
-            with Image.open(path) as img:
-                image = img.convert("RGB")
-        except Exception as err:
-            raise VlmsensError(f"cannot read calibration image {path}: {err}") from None
-        kwargs.update(images=[image], size={"shortest_edge": settings.min_pixels, "longest_edge": settings.max_pixels})
+        # Resized by Qwen's own code, so the image tokens are those of Qwen's inference; the processor
+        # then only normalises and patches it.
+        kwargs.update(images=[load_image(Path(coco_root) / sample.image_relpath, processor, settings)], do_resize=False)
     enc_full = processor(text=[full], **kwargs)
     ids = enc_full["input_ids"][0]
     n_prompt = processor(text=[full[:caption_start]], **kwargs)["input_ids"].shape[1]

@@ -16,12 +16,15 @@ from .batches import PromptSettings, encode_samples, load_samples, save_samples
 from .calib import read_calib_db
 from .config import AutoquantSettings, LadderSettings, ValidationSettings
 from .errors import VlmsensError
+from .export import ExportSettings, export_recipe
 from .families import get_family
 from .formats import format_bits, format_registry, resolve_format
 from .io import atomic_path, atomic_write_json, atomic_write_text
 from .ladder import run_ladder
 from .models import load_processor
+from .recipes import load_search_state, make_recipe
 from .render import sensitivity_json, sensitivity_markdown
+from .reports.export import export_doc
 from .reports.validate import validation_doc
 from .scopes import get_scope
 from .validation import run_validation
@@ -274,6 +277,49 @@ def ladder_cell(
         {"manifest": manifest_path, "samples": samples_path, "held_out_samples": eval_samples_path}, checkpoint=spec.checkpoint)
     doc["provenance"]["wall_time_s"] = round(time.perf_counter() - started, 3)
     atomic_write_json(outputs["json"], doc)
+    return doc
+
+
+def export_cell(
+    *,
+    export_cfg: dict[str, Any],
+    budget: float,
+    manifest_path: str,
+    state_path: str,
+    samples_path: str,
+    eval_samples_path: str,
+    outputs: dict[str, str],
+    progress: Callable[[str], None] = log.info,
+    **cell: Any,
+) -> dict[str, Any]:
+    """Export the cell's recipe at ``budget`` as a checked checkpoint folder, and its report page."""
+    started = time.perf_counter()
+    manifest = json.loads(Path(manifest_path).read_text())
+    spec = cell_spec(**cell)
+    if [f.name for f in spec.formats] != manifest["cell"]["candidates"]:
+        raise VlmsensError(
+            f"{manifest_path} was made with formats {manifest['cell']['candidates']}, the config now gives "
+            f"{[f.name for f in spec.formats]}: rerun the cell")
+    calib, calib_meta = load_samples(samples_path)
+    held_out, eval_meta = load_samples(eval_samples_path)
+    for path, meta in ((samples_path, calib_meta), (eval_samples_path, eval_meta)):
+        if meta.get("scope") != spec.scope:
+            raise VlmsensError(f"{path} was prepared for scope {meta.get('scope')!r}, not {spec.scope!r}")
+    if set(calib_meta.get("images", [])) & set(eval_meta.get("images", [])):
+        raise VlmsensError(f"{eval_samples_path} shares images with the calibration samples; the check needs held-out ones")
+    # The recipe rule ``recipes`` writes for this budget: same manifest, same search state, same solver.
+    recipe = make_recipe(manifest, float(budget), load_search_state(state_path))
+    if not recipe["feasible"]:
+        raise VlmsensError(f"budget {budget:g} bits is infeasible for {manifest_path} ({recipe['status']}); "
+                           "pick a budget in export.budgets the cell's formats can reach")
+    progress(f"export {spec.model}/{spec.format_name}/{spec.scope}/{spec.size} at {budget:g} bits: "
+             f"{recipe['achieved_bits']:.4f} bits achieved, {recipe['groups_bf16']} of {recipe['groups']} groups BF16")
+    record = provenance.collect(
+        {"manifest": manifest_path, "state": state_path, "samples": samples_path, "held_out_samples": eval_samples_path},
+        checkpoint=spec.checkpoint)
+    doc = export_recipe(spec, manifest, recipe, calib, held_out, ExportSettings.from_config(export_cfg),
+                        outputs["checkpoint"], provenance=record, started=started, progress=progress)
+    export_doc(doc, outputs["checkpoint"]).write(outputs["markdown"], outputs["html"])
     return doc
 
 

@@ -152,6 +152,29 @@ class ShipThisSettings:
         )
 
 
+# Below this KL per caption token an export and its fake-quantized model agree, whatever a recipe's
+# damage: float rounding of the same arithmetic flips a few activations across a rounding boundary
+# of their quantization grid (about 1e-6 on the tiny demo models; docs/DESIGN.md, "Export").
+KL_FLOOR = 1e-5
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """How rule export checks an exported checkpoint (recorded in vlmsens-export.json)."""
+
+    check_samples: int
+    max_kl_ratio: float
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | None) -> ExportSettings:
+        cfg = _section(cfg, "export")
+        return cls(check_samples=int(cfg["check_samples"]), max_kl_ratio=float(cfg["max_kl_ratio"]))
+
+    def kl_limit(self, recipe_kl: float) -> float:
+        """How far the reloaded export may drift from the fake-quantized model: a share of the recipe's own damage."""
+        return max(self.max_kl_ratio * recipe_kl, KL_FLOOR)
+
+
 @dataclass(frozen=True)
 class Settings:
     """The whole validated config, once: what the rules and the jobs read."""
@@ -202,6 +225,26 @@ def ladder_cells(config: dict[str, Any]) -> list[Cell]:
     formats = ladder.formats or tuple(grid["formats"])
     scopes = ladder.scopes or tuple(grid["scopes"])
     return [c for c in grid_cells(config) if c.size in sizes and c.format in formats and c.scope in scopes]
+
+
+def parse_cell(text: str) -> Cell:
+    """'model/format/scope/size' as a Cell (the layout of the cells' output folders)."""
+    parts = text.split("/")
+    if len(parts) != 4 or not all(parts):
+        raise VlmsensError(f"{text!r} is not a cell: write model/format/scope/size, e.g. qwen2_5_vl_3b/wfp8_afp8/all-layers/medium")
+    return Cell(*parts)
+
+
+def export_targets(config: dict[str, Any]) -> list[tuple[Cell, float]]:
+    """(cell, budget) of every export the config asks for: each of ``export.cells`` at each of
+    ``export.budgets``, or at the cell's own effective-bits target when that list is empty."""
+    section = _section(config.get("export"), "export")
+    targets = []
+    for text in section["cells"]:
+        cell = parse_cell(text)
+        budgets = section["budgets"] or [config["autoquant"]["effective_bits"][cell.format]]
+        targets += [(cell, float(b)) for b in budgets]
+    return targets
 
 
 def is_demo_model(config: dict[str, Any], model: str) -> bool:
@@ -260,6 +303,15 @@ def check_config(config: dict[str, Any], *, check_paths: bool = True, check_merg
     for size in grid["sizes"]:
         if size not in config["sizes"]:
             raise VlmsensError(f"grid.sizes names {size!r}, which is not a key of 'sizes' (known: {sorted(config['sizes'])})")
+    cells = set(grid_cells(config))
+    for i, text in enumerate(_section(config.get("export"), "export")["cells"]):
+        try:
+            cell = parse_cell(text)
+        except VlmsensError as err:
+            raise VlmsensError(f"export.cells[{i}]: {err}") from None
+        if cell not in cells:
+            raise VlmsensError(f"export.cells[{i}] names {text!r}, which is not a cell of the grid (grid.models, grid.formats, "
+                               "grid.scopes, grid.sizes)")
     ladder = (config.get("ship_this") or {}).get("ladder") or {}
     for key in ("sizes", "formats", "scopes"):
         unknown = [v for v in ladder.get(key) or [] if v not in grid[key]]
@@ -342,6 +394,11 @@ def ladder_settings(config: dict[str, Any]) -> dict[str, Any]:
     """The ``ship_this.ladder`` keys a ladder job's output depends on (not which cells get one)."""
     ladder = {**_nested_defaults("ship_this", "ladder"), **(_section(config.get("ship_this"), "ship_this")["ladder"] or {})}
     return {key: ladder[key] for key in ("bits_above_uniform", "random_draws")}
+
+
+def export_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The ``export`` section without ``cells`` and ``budgets`` (which pick targets, not what a job computes)."""
+    return {k: v for k, v in sorted(_section(config.get("export"), "export").items()) if k not in ("cells", "budgets")}
 
 
 def validation_settings(config: dict[str, Any]) -> dict[str, Any]:
