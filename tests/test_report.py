@@ -491,7 +491,10 @@ def test_layer_and_summary_frames_carry_the_manifests_numbers():
     row = summary.iloc[0]
     assert row["bits_achieved"] == round(16 * (100 + 100 + 150) / 600, 4)
     assert (row["samples"], row["caption_tokens"], row["groups_searched"], row["groups_kept_bf16"]) == (8, 100, 3, 1)
-    assert row["top_layer"] == "a" and row["wall_s"] == 3.5 and row["satisfied"]
+    assert row["top_layer"] == "a" and row["wall_s"] == 3.5 and row["search_s"] == 3.5 and row["satisfied"]
+    # The job's wall from its process start, where the manifest has it, includes start-up.
+    manifest["provenance"] = {"wall_time_s": 4.0, "job_wall_s": 9.25}
+    assert report_page.summary_frame([manifest]).iloc[0][["wall_s", "search_s"]].tolist() == [9.25, 3.5]
 
 
 # =============================================================================================

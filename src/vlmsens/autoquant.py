@@ -28,6 +28,7 @@ from .errors import VlmsensError
 from .families import Family, block_index, sublayer_of, tower_of
 from .formats import FormatSpec
 from .models import dtype_for, load_model, pick_device
+from .provenance import cpu_name
 from .scopes import get_scope
 
 log = logging.getLogger(__name__)
@@ -420,5 +421,5 @@ def _device_info(device: str) -> dict[str, Any]:
                     uuid=f"GPU-{props.uuid}" if getattr(props, "uuid", None) else None,
                     cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
     else:
-        info["name"] = platform.processor() or platform.machine()
+        info["name"] = cpu_name()
     return info
