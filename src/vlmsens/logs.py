@@ -28,7 +28,11 @@ from .io import sweep_stale_tmp
 def setup(log_path: str | None, prefix: str = "", mode: str = "w") -> logging.Logger:
     handlers: list[logging.Handler] = []
     if not (log_path and _writes_to(sys.stderr, log_path)):  # a worker's child: stderr is the log already
-        handlers.append(logging.StreamHandler(sys.stderr))
+        console = logging.StreamHandler(sys.stderr)
+        # With a log file, the console (Snakemake's output, shared by every job) gets warnings and
+        # errors only; progress lines go to the job's log.
+        console.setLevel(logging.WARNING if log_path else logging.INFO)
+        handlers.append(console)
     if log_path:
         handlers.append(logging.FileHandler(log_path, mode=mode))
     fmt = "%(asctime)s %(levelname)s " + (f"[{prefix}] " if prefix else "") + "%(message)s"

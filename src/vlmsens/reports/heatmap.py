@@ -80,37 +80,55 @@ def _cell(layers: pd.DataFrame, fmt: str, scope: str, size: str) -> pd.DataFrame
     return layers[(layers["format"] == fmt) & (layers["scope"] == scope) & (layers["size"] == size)]
 
 
+def panel_grid(layers: pd.DataFrame, size_order: list[str], format_order: list[str] | None = None):
+    """The panels of a model's heatmaps: rows (format, scope), columns sizes, each (row, col) -> cell or None."""
+    cells = cells_of(layers, size_order, format_order)
+    rows = list(dict.fromkeys((f, sc) for f, sc, _ in cells))
+    cols = list(dict.fromkeys(sz for _, _, sz in cells)) if cells else []
+    cols = ordered(cols, size_order)
+    present = set(cells)
+    grid = {(i, j): (f, sc, sz) if (f, sc, sz) in present else None for i, (f, sc) in enumerate(rows) for j, sz in enumerate(cols)}
+    return rows, cols, grid
+
+
 def plot_heatmaps(layers: pd.DataFrame, model: str, size_order: list[str], out_png: str | Path,
                   format_order: list[str] | None = None) -> None:
+    """A panel per cell (rows: format × scope, columns: size), one colour scale, rows and columns of the whole model."""
     plt = pyplot()
     if layers.empty:
         return na_figure(out_png, f"{model}: heatmaps", "no searched groups")
-    cells = cells_of(layers, size_order, format_order)
+    rows, cols, grid = panel_grid(layers, size_order, format_order)
     index, columns = _axes(layers)
     vmin, vmax = color_range(layers)
     floor = log_floor(layers["sensitivity"])
     n_rows, n_cols = len(index), len(columns)
-    width = min(max(8.0, 3.8 + 0.28 * n_cols), 18)
-    fig, axes = plt.subplots(len(cells), 1, figsize=(width, 0.9 + (0.8 + 0.22 * n_rows) * len(cells)), squeeze=False,
-                             layout="constrained")
+    panel_w = min(max(3.2, 1.6 + 0.16 * n_cols), 8.0)
+    panel_h = 0.7 + 0.16 * n_rows
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(panel_w * len(cols) + 1.6, panel_h * len(rows) + 0.8),
+                             squeeze=False, layout="constrained", sharex=True, sharey=True)
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#eeeeee")
     image = None
-    for ax, (fmt, scope, size) in zip(axes[:, 0], cells, strict=True):
-        scores, kept = heatmap_frame(_cell(layers, fmt, scope, size), layers)
+    towers = [t for t, _ in index]
+    for (i, j), cell in grid.items():
+        ax = axes[i, j]
+        if cell is None:
+            ax.axis("off")
+            continue
+        scores, kept = heatmap_frame(_cell(layers, *cell), layers)
         values = np.ma.masked_invalid(np.log10(scores.to_numpy(dtype=float).clip(min=floor)))
-        image = ax.imshow(values, aspect="auto", cmap=plt.get_cmap("viridis").with_extremes(bad="#eeeeee"),
-                          interpolation="nearest", vmin=vmin, vmax=vmax)
+        image = ax.imshow(values, aspect="auto", cmap=cmap, interpolation="nearest", vmin=vmin, vmax=vmax)
         ys, xs = np.nonzero(kept.to_numpy())
-        ax.scatter(xs, ys, marker="s", s=22, facecolors="none", edgecolors="red", linewidths=1.1)
-        ax.set_xticks(range(n_cols), columns, fontsize=6)
+        ax.scatter(xs, ys, marker="s", s=12, facecolors="none", edgecolors="red", linewidths=0.9)
+        for r in range(1, n_rows):
+            if towers[r] != towers[r - 1]:
+                ax.axhline(r - 0.5, color="white", lw=1.5)
+        ax.set_title(" · ".join(cell), fontsize=7, loc="left")
+        ax.set_xticks(range(n_cols), columns, fontsize=5, rotation=90)
         ax.set_yticks(range(n_rows), [f"{t}: {s}" for t, s in index], fontsize=6)
-        towers = [t for t, _ in index]
-        for i in range(1, n_rows):
-            if towers[i] != towers[i - 1]:
-                ax.axhline(i - 0.5, color="white", lw=2)
-        ax.set_title(f"{fmt} · {scope} · {size}", fontsize=8, loc="left")
-    axes[-1, 0].set_xlabel(f"block index ({NO_BLOCK}: outside the blocks; deepstack rows: merger index)", fontsize=8)
-    fig.colorbar(image, ax=axes[:, 0].tolist(), label="log10 score / caption token (one scale for every panel)",
-                 fraction=0.03, pad=0.01, shrink=min(1.0, 4 / len(cells)))
+    for ax in axes[-1, :]:
+        ax.set_xlabel(f"block ({NO_BLOCK}: outside the blocks)", fontsize=7)
+    fig.colorbar(image, ax=axes.ravel().tolist(), label="log10 score / caption token (one scale for every panel)",
+                 fraction=0.025, pad=0.01, shrink=min(1.0, 0.25 + 0.25 * len(rows)))
     fig.suptitle(f"{model}: sensitivity by block and sublayer; red squares: kept in BF16, grey: not searched", fontsize=9)
     with_colorbar_save(fig, out_png)
 
@@ -127,32 +145,35 @@ def interactive_figure(layers: pd.DataFrame, model: str, size_order: list[str], 
     """The panels of :func:`plot_heatmaps` as a plotly figure with one colour axis; hover: group, score, rank, selected format."""
     from plotly.subplots import make_subplots
 
-    cells = cells_of(layers, size_order, format_order)
+    rows, cols, grid = panel_grid(layers, size_order, format_order)
     index, columns = _axes(layers)
     vmin, vmax = color_range(layers)
     floor = log_floor(layers["sensitivity"])
-    fig = make_subplots(rows=len(cells), cols=1, vertical_spacing=0.25 / max(len(cells), 1),
-                        subplot_titles=[" · ".join(c) for c in cells])
+    fig = make_subplots(rows=len(rows), cols=len(cols), vertical_spacing=0.3 / max(len(rows), 1),
+                        horizontal_spacing=0.02, shared_xaxes=True, shared_yaxes=True,
+                        subplot_titles=[" · ".join(grid[(i, j)]) if grid[(i, j)] else "" for i in range(len(rows)) for j in range(len(cols))])
     y_labels = [f"{t}: {s}" for t, s in index]
-    for row, (fmt, scope, size) in enumerate(cells, start=1):
-        cell = _cell(layers, fmt, scope, size)
-        scores, _ = heatmap_frame(cell, layers)
+    where = {(t, s): i for i, (t, s) in enumerate(index)}
+    col_of = {c: j for j, c in enumerate(columns)}
+    for (i, j), cell in grid.items():
+        if cell is None:
+            continue
+        part = _cell(layers, *cell)
+        scores, _ = heatmap_frame(part, layers)
         hover = np.full(scores.shape, "not searched", dtype=object)
-        where = {(t, s): i for i, (t, s) in enumerate(index)}
-        col_of = {c: j for j, c in enumerate(columns)}
-        for (tower, sublayer, block), groups in cell.groupby(["tower", "sublayer", cell["block"].map(_block_label)]):
+        for (tower, sublayer, block), groups in part.groupby(["tower", "sublayer", part["block"].map(_block_label)]):
             hover[where[(tower, sublayer)], col_of[block]] = "<br>".join(
                 f"<b>{short_name(g.layer)}</b> score {g.sensitivity:.3g} rank {g.rank} selected {g.selected_format}"
                 for g in groups.itertuples())
         fig.add_heatmap(z=np.log10(scores.to_numpy(dtype=float).clip(min=floor)), x=columns, y=y_labels, customdata=hover,
-                        coloraxis="coloraxis", row=row, col=1, xgap=1, ygap=1,
-                        hovertemplate="%{customdata}<br>" + f"{fmt} · {scope} · {size}<extra></extra>")
-        fig.update_yaxes(autorange="reversed", row=row, col=1)
-        fig.update_xaxes(type="category", row=row, col=1)
+                        coloraxis="coloraxis", row=i + 1, col=j + 1, xgap=1, ygap=1,
+                        hovertemplate="%{customdata}<br>" + " · ".join(cell) + "<extra></extra>")
+    fig.update_yaxes(autorange="reversed")
+    fig.update_xaxes(type="category")
     fig.update_layout(coloraxis={"colorscale": "Viridis", "cmin": vmin, "cmax": vmax,
                                  "colorbar": {"title": {"text": "log10 score / token"}}},
                       title=f"{model}: sensitivity by block and sublayer (one colour scale for every panel)",
-                      height=max(400, (60 + 18 * len(index)) * len(cells) + 120))
+                      height=max(400, (70 + 16 * len(index)) * len(rows) + 120))
     return fig
 
 

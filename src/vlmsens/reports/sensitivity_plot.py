@@ -50,6 +50,9 @@ def plot_model_sensitivity(layers: pd.DataFrame, model: str, size_order: list[st
         for tower, (lo, hi) in layout.spans.items():
             if tower == "vision":
                 ax.axvspan(lo - 0.5, hi + 0.5, color="grey", alpha=0.10, lw=0)
+            if not (sub["tower"] == tower).any():
+                ax.text((lo + hi) / 2, 0.5, "not searched in this scope", transform=ax.get_xaxis_transform(),
+                        ha="center", va="center", fontsize=8, color="grey")
         for size in sizes:
             largest = size == sizes[-1]
             for sublayer, rows in _lines(sub[sub["size"] == size], layout):
@@ -75,7 +78,9 @@ def plot_model_sensitivity(layers: pd.DataFrame, model: str, size_order: list[st
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color=c, marker=".", label=s) for s, c in colors.items()]
-    handles += [Line2D([], [], color="black", ls="-" if s == sizes[-1] else ":", label=f"size {s}") for s in sizes]
+    handles.append(Line2D([], [], color="black", ls="-", label=f"size {sizes[-1]}"))
+    if len(sizes) > 1:
+        handles.append(Line2D([], [], color="black", ls=":", label=f"size {', '.join(sizes[:-1])}"))
     handles.append(Line2D([], [], ls="", marker="o", markerfacecolor="none", markeredgecolor="red", label=f"kept BF16 ({sizes[-1]})"))
     fig.legend(handles=handles, loc="upper right", fontsize=7, ncol=min(len(handles), 9))
     fig.suptitle(f"{model}: per-group sensitivity by tower and block", fontsize=10, x=0.01, ha="left")
