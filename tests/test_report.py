@@ -576,3 +576,17 @@ def test_every_analysis_is_its_own_module_with_a_caption_of_its_name():
         wildcards = {"global": set(), "model": {"model"}, "cell": {"model", "format", "scope", "size"}}[analysis.level]
         for out in analysis.outputs:
             assert set(re.findall(r"{(\w+)}", out.path)) == wildcards, f"{name}: {out.path}"
+
+
+def test_report_order_numbers_categories_and_sections_for_the_report_to_sort():
+    from vlmsens.reports.registry import category_labels, subcategory_labels
+
+    labels = category_labels(["m_b", "m_a"], {"Summary", "{model}", "Model families", "Extra"})
+    assert labels == {"Summary": "1 Summary", "m_b": "2 m_b", "m_a": "3 m_a", "Model families": "4 Model families",
+                      "Extra": "5 Extra"}
+    # The report sorts by name: the numbers must give the intended order, also past nine.
+    many = category_labels([f"model{i}" for i in range(12)], {"Summary", "{model}"})
+    assert sorted(many.values()) == list(many.values()) and many["Summary"] == "01 Summary"
+    sections = subcategory_labels(["(b) Format comparison (FP8 vs INT8)", "Per-group sensitivity", "Zeta", "Layers per cell"])
+    assert sections == {"Per-group sensitivity": "1 Per-group sensitivity", "Layers per cell": "2 Layers per cell",
+                        "(b) Format comparison (FP8 vs INT8)": "3 Format comparison (FP8 vs INT8)", "Zeta": "4 Zeta"}

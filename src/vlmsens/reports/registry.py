@@ -141,11 +141,11 @@ def _numbered(names: list[str]) -> dict[str, str]:
 
 
 def category_labels(models: Iterable[str], categories: Iterable[str] = ()) -> dict[str, str]:
-    """Report category name -> its numbered label: the fixed categories with each model in place of
-    ``{model}``; ``categories`` not in :data:`CATEGORY_ORDER` follow by name."""
-    models = list(models)
-    extra = sorted(set(categories) - set(CATEGORY_ORDER) - {MODEL_CATEGORY})
-    names = [m for c in CATEGORY_ORDER for m in (models if c == MODEL_CATEGORY else [c])] + extra
+    """Report category name -> its numbered label, for the ``categories`` the analyses use: those of
+    :data:`CATEGORY_ORDER` in its order with each model in place of ``{model}``, then others by name."""
+    models, used = list(models), set(categories)
+    extra = sorted(used - set(CATEGORY_ORDER) - {MODEL_CATEGORY})
+    names = [m for c in CATEGORY_ORDER for m in (models if c == MODEL_CATEGORY else [c] if c in used else [])] + extra
     return _numbered(list(dict.fromkeys(names)))
 
 
