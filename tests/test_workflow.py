@@ -9,6 +9,7 @@ import re
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from conftest import CPU_DEMO, DEMO, REPO, copy_workflow, fake_hub_snapshot, snakemake
@@ -65,6 +66,35 @@ def test_demo_writes_every_cell_and_the_report(demo_run):
         "model": "tiny_qwen3_vl", "family": "qwen3_vl", "checkpoint": "results/demo/inputs/checkpoints/tiny_qwen3_vl",
         "format": "wint8_aint8", "candidates": ["wint8_aint8"], "scope": "all-layers", "size": "large",
     }
+
+
+def test_demo_logs_are_quiet_and_say_progress_device_and_wall(demo_run):
+    from vlmsens.logs import KNOWN_WARNINGS
+
+    workdir, console = demo_run
+    out = workdir / "results" / "demo"
+    # Snakemake's console carries job starts and ends, not the jobs' progress lines or library warnings.
+    assert "UserWarning" not in console and "FutureWarning" not in console and " INFO [" not in console
+    logs = sorted((out / "logs" / "autoquant").rglob("*.log"))
+    assert len(logs) == 24
+    for log in logs:
+        text = log.read_text()
+        # Per-batch progress with an ETA, and each phase's batches and rate.
+        assert re.search(r"calibrate: batch \d+/\d+, \d+ done in .+ s/batch\), ETA ", text), log
+        assert re.search(r"score: batch \d+/\d+, \d+ done in .+ s/batch\), ETA ", text), log
+        assert re.search(r"score done in [\d.]+ s \(\d+ batches, [\d.]+ s/batch\)", text), log
+        assert "it/s]" not in text and "s/it]" not in text, f"{log}: a progress bar"
+        for pattern, _ in KNOWN_WARNINGS:
+            assert len(re.findall(pattern, text)) <= 1, (log, pattern)
+        assert " WARNING " not in text, log
+    summary = pd.read_csv(out / "reports" / "summary.csv")
+    assert not summary["device"].isin(["x86_64", "aarch64", ""]).any(), summary["device"].unique()
+    assert (summary["wall_s"] >= summary["search_s"]).all()
+    for path in out.glob("autoquant/*/*/*/*/quant_manifest.json"):
+        provenance = json.loads(path.read_text())["provenance"]
+        assert provenance["job_wall_s"] >= provenance["wall_time_s"] > 0
+    front = (out / "reports" / "front_page.md").read_text()
+    assert "24 cells" in front and "Bit budget: all 24 cells reached it." in front and "from each job's process start" in front
 
 
 def test_demo_recipes_meet_their_budgets_and_report_each_disagreement(demo_run, capsys):
