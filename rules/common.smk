@@ -218,6 +218,7 @@ SUBCATEGORY_LABELS = {category: subcategory_labels(subs) for category, subs in R
 
 
 def report_front_page():
+    """The report's landing page: the front page analysis front_page wrote, or the workflow's description."""
     front = os.path.abspath(f"{REPORTS}/{FRONT_PAGE_RST}")
     return front if os.path.exists(front) else "docs/report/workflow.rst"
 
@@ -232,6 +233,8 @@ def report_category(category):
 
 def report_subcategory(category, subcategory):
     return SUBCATEGORY_LABELS[category][subcategory]
+
+
 WILDCARDS_OF_LEVEL = {"global": (), "model": ("model",), "cell": ("model", "format", "scope", "size")}
 GRID_ORDERS = {"size_order": list(GRID["sizes"]), "format_order": list(GRID["formats"])}
 

@@ -1,8 +1,9 @@
 # Deployable recipes per cell, and one rule per analysis of vlmsens.reports (its registry says the
 # level, inputs, outputs and report labels; the rule, the module and docs/report/<name>.rst share
 # the analysis's name). `snakemake --report` turns the outputs with a label into the HTML report
-# (category = model, subcategory = analysis; both numbered in reading order, rules/common.smk). Analyses read quant_manifest.json, recipes.json or
-# validation.json only; recipes also read the cell's autoquant_state.pt.
+# (category = model, subcategory = analysis; both numbered in reading order, rules/common.smk).
+# Analyses read quant_manifest.json, recipes.json or validation.json only; recipes also read the
+# cell's autoquant_state.pt.
 
 
 rule recipes:

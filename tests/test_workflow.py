@@ -160,7 +160,8 @@ def test_rerun_one_cell_runs_exactly_that_cell(demo_run):
     assert job_counts(forced.stdout) == {"autoquant": 1}
     # A lost validation reruns the validation alone, not the cell it validates.
     (cell / "validation.json").unlink()
-    assert job_counts(snakemake(workdir, *DEMO, "-n").stdout) == {"validate": 1, "validation_report": 1, "validation_plot": 1, "all": 1}
+    assert job_counts(snakemake(workdir, *DEMO, "-n").stdout) == {
+        "validate": 1, "validation_report": 1, "validation_plot": 1, "validation_page": 1, "front_page": 1, "all": 1}
     snakemake(workdir, *DEMO, *CPU_DEMO)
     # Nothing is left to do afterwards.
     after = snakemake(workdir, *DEMO, "-n")
