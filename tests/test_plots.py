@@ -4,6 +4,7 @@ Qwen3-VL-4B (250 groups) cells, with the real module names (tests/fullsize.py)."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,3 +112,46 @@ def test_full_size_heatmaps_share_rows_columns_and_one_colour_scale(full_model, 
     assert long.groupby(["format", "scope", "size"])["score"].count().max() <= GROUPS[family]
     with Image.open(tmp_path / "h.png") as image:
         assert image.size[1] > 8 * 150  # a readable panel per cell
+
+
+def _job(analysis, paths, folder, model):
+    outputs = {o.key: str(folder / o.path.format(model=model, format="f", scope="s", size="z")) for o in analysis.outputs}
+    for path in outputs.values():
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return Job(paths, outputs, {"model": model} if analysis.level == "model" else {},
+               {"size_order": SIZES, "format_order": FORMATS}, named={"manifests": paths})
+
+
+def test_every_manifest_analysis_writes_readable_outputs_at_full_size(full_model, tmp_path):
+    """Every analysis that reads manifests, run on one full-size model: each PNG is drawn at a size a
+    screen can show, each page names the model's groups."""
+    from vlmsens.reports.registry import analyses
+
+    family, model, _, paths = full_model
+    ran = []
+    for name, analysis in analyses().items():
+        if analysis.kinds_read not in (("manifests",), ("manifests", "validations")) or analysis.level == "cell":
+            continue
+        job = _job(analysis, paths, tmp_path / name, model)
+        analysis.write(job)
+        ran.append(name)
+        for key, path in job.outputs.items():
+            assert Path(path).stat().st_size > 0, (name, key)
+            if path.endswith(".png"):
+                with Image.open(path) as image:
+                    width, height = image.size
+                assert 400 < width <= 4000 and 200 < height <= 6000, (name, key, image.size)
+    assert {"sensitivity_plot", "heatmap", "format_comparison", "scope_comparison", "towers", "rank_stability",
+            "report", "front_page"} <= set(ran)
+
+
+def test_cell_table_lists_every_group_of_a_full_size_cell(full_model):
+    from vlmsens.reports.cell_table import cell_table, cell_table_doc
+
+    family, _, _, paths = full_model
+    manifest = json.loads(Path(paths[-1]).read_text())  # all-layers
+    table = cell_table(manifest)
+    assert len(table) == GROUPS[family] and list(table["rank"]) == list(range(1, GROUPS[family] + 1))
+    assert table["score / token"].is_monotonic_decreasing
+    page = cell_table_doc(manifest).to_html()
+    assert page.count("<tr>") == GROUPS[family] + 1 and 'class="table-scroll"' in page
