@@ -155,3 +155,23 @@ def test_cell_table_lists_every_group_of_a_full_size_cell(full_model):
     assert table["score / token"].is_monotonic_decreasing
     page = cell_table_doc(manifest).to_html()
     assert page.count("<tr>") == GROUPS[family] + 1 and 'class="table-scroll"' in page
+
+
+def test_front_page_says_what_was_run_and_the_verdicts():
+    from vlmsens.reports.front_page import front_page
+
+    manifests = model_manifests("qwen3_vl", SIZES, FORMATS)
+    manifests[1]["search"]["is_satisfied"] = False
+    for m in manifests:
+        m["provenance"]["job_wall_s"] = 125.0
+    validations = [{"verdict": "ranking predicts damage: ρ = 0.8"}] * 5 + [{"verdict": "inconclusive: ρ = 0.1 [-0.3, 0.5]"}] * 3
+    page = front_page(manifests, validations, SIZES, FORMATS, validation_enabled=True).to_markdown()
+    assert "**8 cells** = 1 models (`Qwen3-VL-4B-Instruct`) × 2 formats (`wfp8_afp8`, `wint8_aint8`) × 2 scopes " \
+           "(lm-only, all-layers) × 2 calibration sizes (small (128 samples), large (128 samples))." in page
+    assert "Device: NVIDIA H100 80GB HBM3 (8 cells). Cell jobs: 16 min 40 s in all, the longest 2 min 05 s " \
+           "(from each job's process start)." in page
+    assert "Bit budget: 7 of 8 cells reached it; missed by Qwen3-VL-4B-Instruct/wfp8_afp8/lm-only/large." in page
+    assert "Ranking vs measured damage: ranking predicts damage in 5 of 8 cells; inconclusive in 3 of 8 cells." in page
+    assert "Held-out validation: 8 of 8 cells." in page
+    rst = front_page(manifests, [], SIZES, FORMATS, validation_enabled=False).to_rst()
+    assert "Held-out validation: not run (``validation.enabled`` is false)." in rst and "Ranking vs" not in rst
