@@ -19,11 +19,11 @@ env: $(STAMP)
 
 demo: $(STAMP)
 	$(SNAKEMAKE) $(DEMO)
-	$(SNAKEMAKE) $(DEMO) --report results/demo/report.html
-	@echo "demo report: results/demo/report.html, summary: results/demo/reports/summary.md"
+	$(SNAKEMAKE) $(DEMO) --report results/demo/report.zip
+	@echo "demo report: results/demo/report.zip (unzip, open report/report.html), summary: results/demo/reports/summary.md"
 
 report: $(STAMP)
-	$(SNAKEMAKE) --report results/report.html
+	$(SNAKEMAKE) --report results/report.zip
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

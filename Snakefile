@@ -9,9 +9,6 @@ configfile: "config/config.yaml"
 validate(config, "config/schema.yaml")
 
 
-report: "docs/report/workflow.rst"
-
-
 include: "rules/common.smk"
 include: "rules/models.smk"
 include: "rules/calib.smk"
@@ -20,6 +17,11 @@ include: "rules/report.smk"
 include: "rules/validate.smk"
 include: "rules/export.smk"
 include: "rules/ladder.smk"
+
+
+# The landing page of `snakemake --report`: what was run and the verdicts (analysis front_page)
+# once the workflow has written them, the workflow's description before.
+report: report_front_page()
 
 
 wildcard_constraints:

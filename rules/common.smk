@@ -22,7 +22,8 @@ from vlmsens.config import (
 )
 from vlmsens.errors import VlmsensError
 from vlmsens.recipes import budget_slug
-from vlmsens.reports.registry import analyses
+from vlmsens.reports.front_page import FRONT_PAGE_RST
+from vlmsens.reports.registry import MODEL_CATEGORY, analyses, category_labels, subcategory_labels
 
 try:
     # A cluster job (SLURM) reads the Snakefile again with arguments Snakemake builds, which leave
@@ -235,6 +236,35 @@ def ladder_outputs():
 
 # --- Analyses of vlmsens.reports: one rule each (rules/report.smk) ---------------------------
 CELL_LABELS = {"format": "{format}", "scope": "{scope}", "size": "{size}"}
+RECIPES_SUBCATEGORY = "Recipes per effective-bits budget"  # rule recipes (per cell) and analysis recipe_summary
+REPORT_SECTIONS = {}
+for _analysis in analyses().values():
+    REPORT_SECTIONS.setdefault(_analysis.category, []).append(_analysis.subcategory)
+REPORT_SECTIONS.setdefault(MODEL_CATEGORY, []).append(RECIPES_SUBCATEGORY)
+EXPORT_SUBCATEGORY = "Exported checkpoints"  # rule export
+REPORT_SECTIONS[MODEL_CATEGORY].append(EXPORT_SUBCATEGORY)
+CATEGORY_LABELS = category_labels(GRID["models"], REPORT_SECTIONS)
+SUBCATEGORY_LABELS = {category: subcategory_labels(subs) for category, subs in REPORT_SECTIONS.items()}
+
+
+def report_front_page():
+    """The report's landing page: the front page analysis front_page wrote, or the workflow's description."""
+    front = os.path.abspath(f"{REPORTS}/{FRONT_PAGE_RST}")
+    return front if os.path.exists(front) else "docs/report/workflow.rst"
+
+
+def report_category(category):
+    """The numbered report category (vlmsens.reports.registry: the report sorts categories by name);
+    a model's own category is a function of the job's model."""
+    if category == MODEL_CATEGORY:
+        return lambda wildcards: CATEGORY_LABELS[wildcards.model]
+    return CATEGORY_LABELS[category]
+
+
+def report_subcategory(category, subcategory):
+    return SUBCATEGORY_LABELS[category][subcategory]
+
+
 WILDCARDS_OF_LEVEL = {"global": (), "model": ("model",), "cell": ("model", "format", "scope", "size")}
 GRID_ORDERS = {"size_order": list(GRID["sizes"]), "format_order": list(GRID["formats"])}
 # Every param an analysis may ask for (vlmsens.reports.registry.PARAMS): the grid orders and the
@@ -243,16 +273,28 @@ ANALYSIS_PARAMS = {**GRID_ORDERS, "ship_this": ship_this_settings(config)}
 
 
 def analysis_inputs(analysis):
-    """The files an analysis reads: every cell's, one model's cells', or one cell's."""
-    if analysis.level == "cell":
-        return rules.autoquant.output.manifest
-    per_model = analysis.level == "model"
-    return {
-        "manifests": model_manifests if per_model else all_manifests(),
-        "recipes": model_recipe_summaries,
-        "validations": model_validations if per_model else all_validations,
-        "ladders": model_ladders if per_model else all_ladders,
-    }[analysis.reads]
+    """The files an analysis reads, by kind: every cell's, one model's cells', or one cell's.
+
+    Validations are read only when validation is enabled (an analysis that needs them says so
+    with ``requires="validation"``; one that reads them beside others gets none otherwise).
+    """
+    level = analysis.level
+    files = {
+        "manifests": lambda: {"cell": rules.autoquant.output.manifest, "model": model_manifests, "global": all_manifests()}[level],
+        "recipes": lambda: {"cell": cell_recipe_summary, "model": model_recipe_summaries}[level],
+        "validations": lambda: {"cell": cell_validation, "model": model_validations, "global": all_validations}[level]
+        if VALIDATE else [],
+        "ladders": lambda: {"model": model_ladders, "global": all_ladders}[level],
+    }
+    return {kind: files[kind]() for kind in analysis.kinds_read}
+
+
+def cell_recipe_summary(wildcards):
+    return rules.recipes.output.summary_json.format(**wildcards)
+
+
+def cell_validation(wildcards):
+    return rules.validate.output.json.format(**wildcards)
 
 
 def analysis_outputs(analysis):
@@ -265,8 +307,8 @@ def analysis_outputs(analysis):
             path = report(
                 path,
                 caption=f"../docs/report/{analysis.name}.rst",
-                category=analysis.category,
-                subcategory=analysis.subcategory,
+                category=report_category(analysis.category),
+                subcategory=report_subcategory(analysis.category, analysis.subcategory),
                 labels={"item": out.item, **labels},
             )
         outputs[out.key] = path

@@ -15,8 +15,8 @@ rule export:
         html=report(
             f"{EXPORT_DIR}/bits-{{budget}}.html",
             caption="../docs/report/export.rst",
-            category="{model}",
-            subcategory="Exported checkpoints",
+            category=report_category(MODEL_CATEGORY),
+            subcategory=report_subcategory(MODEL_CATEGORY, EXPORT_SUBCATEGORY),
             labels={"item": "export at {budget} bits (check)", "format": "{format}", "scope": "{scope}", "size": "{size}"},
         ),
     params:

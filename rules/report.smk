@@ -1,8 +1,9 @@
 # Deployable recipes per cell, and one rule per analysis of vlmsens.reports (its registry says the
 # level, inputs, outputs and report labels; the rule, the module and docs/report/<name>.rst share
 # the analysis's name). `snakemake --report` turns the outputs with a label into the HTML report
-# (category = model, subcategory = analysis). Analyses read quant_manifest.json, recipes.json or
-# validation.json only; recipes also read the cell's autoquant_state.pt.
+# (category = model, subcategory = analysis; both numbered in reading order, rules/common.smk).
+# Analyses read quant_manifest.json, recipes.json or validation.json only; recipes also read the
+# cell's autoquant_state.pt.
 
 
 rule recipes:
@@ -15,8 +16,8 @@ rule recipes:
         summary_html=report(
             f"{RECIPE_DIR}/recipes.html",
             caption="../docs/report/recipes.rst",
-            category="{model}",
-            subcategory="Recipes per effective-bits budget",
+            category=report_category(MODEL_CATEGORY),
+            subcategory=report_subcategory(MODEL_CATEGORY, RECIPES_SUBCATEGORY),
             labels={"item": "cell recipes (table)", "format": "{format}", "scope": "{scope}", "size": "{size}"},
         ),
         quant_cfgs=per_budget(f"{RECIPE_DIR}/{{budget}}/modelopt_quant_cfg.json"),
@@ -42,7 +43,7 @@ for analysis in analyses().values():
         name:
             analysis.name
         input:
-            **{analysis.reads: analysis_inputs(analysis)},
+            **analysis_inputs(analysis),
         output:
             **analysis_outputs(analysis),
         params:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -273,9 +274,17 @@ def test_cell_writes_outputs_and_rerenders_from_manifest_alone(tiny_checkpoints,
                         format_name="wint8_aint8", formats_cfg={}, scope="all-layers", size="small",
                         autoquant_cfg={"method": "gradient", "effective_bits": {"wint8_aint8": 8.5}, "device": "cpu"},
                         batch_size=4, seed=0, samples_path=str(samples_path), calib_db=str(subsets["small"]),
-                        outputs=outputs, progress=lines.append)
+                        outputs=outputs, progress=lines.append, job_started=time.time() - 5.0)
     for phase in ("load", "calibrate", "score", "solve"):
         assert any(line.startswith(f"{phase} done in") for line in lines), phase
+    # Per-batch progress with an ETA: one format calibrates on every batch, then scores on every batch.
+    n_batches = manifest["batches"]["batches"]
+    assert n_batches >= 2
+    for phase in ("calibrate", "score"):
+        assert any(line.startswith(f"{phase}: batch {n_batches}/{n_batches}, {n_batches - 1} done in") and "ETA" in line
+                   for line in lines), (phase, lines)
+        assert any(line.startswith(f"{phase} done in") and f"({n_batches} batches," in line for line in lines), phase
+    assert manifest["provenance"]["job_wall_s"] >= manifest["provenance"]["wall_time_s"] + 5.0
     assert any(line.startswith("write: done") for line in lines)
     payload = json.loads(Path(outputs["json"]).read_text())
     assert list(payload) == ["scheme", "model", "dataset", "quantization", "autoquant_state", "layer_sensitivity"]

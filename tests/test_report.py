@@ -158,6 +158,31 @@ def test_format_comparison_log_ratio_and_disagreement_order():
     assert list(table["less sensitive"]) == ["fp8", "int8", "tie"]
 
 
+def test_format_comparison_lists_rank_flips_not_a_global_offset():
+    # INT8 scores every group about 10x below FP8 (a global offset, no change of order), with
+    # noise on the ratio, except "down": FP8's 6th, INT8's 1st. Sorting by |log ratio| would list
+    # the noisy offset groups first; the rank flip must lead.
+    fp8 = {f"g{i}": 10.0 ** -i for i in range(1, 9)}  # g1 > g2 > ... > g8
+    fp8["down"] = 10.0 ** -5.5  # between g5 and g6: FP8 rank 6
+    rng = np.random.default_rng(0)
+    int8 = {k: v * 10 ** (-1.0 + rng.uniform(-0.3, 0.3)) for k, v in fp8.items()}
+    int8["down"] = 1.0  # INT8 rank 1
+    rows = [("fp8", "all-layers", "large", k, "fp8", v) for k, v in fp8.items()]
+    rows += [("int8", "all-layers", "large", k, "int8", v) for k, v in int8.items()]
+    cmp_ = fmt_cmp.format_comparison(_scores(rows), ["large"], ["fp8", "int8"])
+    per = cmp_.per_layer.set_index("layer")
+    assert (per.loc["down", "rank_a"], per.loc["down", "rank_b"], per.loc["down", "rank_shift"]) == (6, 1, -5)
+    assert cmp_.per_layer.iloc[0]["layer"] == "down"
+    median = float(np.median(np.log10(pd.Series(int8) / pd.Series(fp8))))
+    assert cmp_.agreement.iloc[0]["median_log10_ratio"] == pytest.approx(median)
+    assert per.loc["g1", "log10_ratio_vs_median"] == pytest.approx(np.log10(int8["g1"] / fp8["g1"]) - median)
+    table = next(iter(fmt_cmp.disagreement_table(cmp_.per_layer, ["large"], top=3).values()))
+    assert table.iloc[0]["layer"] == "down" and table.iloc[0]["rank shift large"] == -5
+    assert list(table.columns[:6]) == ["layer", "tower", "fp8", "int8", "rank fp8", "rank int8"]
+    # The groups after the flip moved by one place at most (they made room for it).
+    assert table["rank shift large"].iloc[1:].abs().max() <= 1
+
+
 def test_format_comparison_prefers_each_formats_own_cell_and_degrades_with_one_format():
     # A candidate-set cell also scores fp8; the fp8 cell's own score wins.
     rows = [("fp8", "lm-only", "small", "a", "fp8", 1.0), ("fp8_or_int8", "lm-only", "small", "a", "fp8", 5.0),
@@ -479,7 +504,10 @@ def test_layer_and_summary_frames_carry_the_manifests_numbers():
     row = summary.iloc[0]
     assert row["bits_achieved"] == round(16 * (100 + 100 + 150) / 600, 4)
     assert (row["samples"], row["caption_tokens"], row["groups_searched"], row["groups_kept_bf16"]) == (8, 100, 3, 1)
-    assert row["top_layer"] == "a" and row["wall_s"] == 3.5 and row["satisfied"]
+    assert row["top_layer"] == "a" and row["wall_s"] == 3.5 and row["search_s"] == 3.5 and row["satisfied"]
+    # The job's wall from its process start, where the manifest has it, includes start-up.
+    manifest["provenance"] = {"wall_time_s": 4.0, "job_wall_s": 9.25}
+    assert report_page.summary_frame([manifest]).iloc[0][["wall_s", "search_s"]].tolist() == [9.25, 3.5]
 
 
 # =============================================================================================
@@ -561,3 +589,17 @@ def test_every_analysis_is_its_own_module_with_a_caption_of_its_name():
         wildcards = {"global": set(), "model": {"model"}, "cell": {"model", "format", "scope", "size"}}[analysis.level]
         for out in analysis.outputs:
             assert set(re.findall(r"{(\w+)}", out.path)) == wildcards, f"{name}: {out.path}"
+
+
+def test_report_order_numbers_categories_and_sections_for_the_report_to_sort():
+    from vlmsens.reports.registry import category_labels, subcategory_labels
+
+    labels = category_labels(["m_b", "m_a"], {"Summary", "{model}", "Model families", "Extra"})
+    assert labels == {"Summary": "1 Summary", "m_b": "2 m_b", "m_a": "3 m_a", "Model families": "4 Model families",
+                      "Extra": "5 Extra"}
+    # The report sorts by name: the numbers must give the intended order, also past nine.
+    many = category_labels([f"model{i}" for i in range(12)], {"Summary", "{model}"})
+    assert sorted(many.values()) == list(many.values()) and many["Summary"] == "01 Summary"
+    sections = subcategory_labels(["(b) Format comparison (FP8 vs INT8)", "Per-group sensitivity", "Zeta", "Layers per cell"])
+    assert sections == {"Per-group sensitivity": "1 Per-group sensitivity", "Layers per cell": "2 Layers per cell",
+                        "(b) Format comparison (FP8 vs INT8)": "3 Format comparison (FP8 vs INT8)", "Zeta": "4 Zeta"}

@@ -9,6 +9,7 @@ import re
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from conftest import CPU_DEMO, DEMO, REPO, copy_workflow, fake_hub_snapshot, snakemake
@@ -78,6 +79,35 @@ def test_demo_writes_every_cell_and_the_report(demo_run):
     }
 
 
+def test_demo_logs_are_quiet_and_say_progress_device_and_wall(demo_run):
+    from vlmsens.logs import KNOWN_WARNINGS
+
+    workdir, console = demo_run
+    out = workdir / "results" / "demo"
+    # Snakemake's console carries job starts and ends, not the jobs' progress lines or library warnings.
+    assert "UserWarning" not in console and "FutureWarning" not in console and " INFO [" not in console
+    logs = sorted((out / "logs" / "autoquant").rglob("*.log"))
+    assert len(logs) == 24
+    for log in logs:
+        text = log.read_text()
+        # Per-batch progress with an ETA, and each phase's batches and rate.
+        assert re.search(r"calibrate: batch \d+/\d+, \d+ done in .+ s/batch\), ETA ", text), log
+        assert re.search(r"score: batch \d+/\d+, \d+ done in .+ s/batch\), ETA ", text), log
+        assert re.search(r"score done in [\d.]+ s \(\d+ batches, [\d.]+ s/batch\)", text), log
+        assert "it/s]" not in text and "s/it]" not in text, f"{log}: a progress bar"
+        for pattern, _ in KNOWN_WARNINGS:
+            assert len(re.findall(pattern, text)) <= 1, (log, pattern)
+        assert " WARNING " not in text, log
+    summary = pd.read_csv(out / "reports" / "summary.csv")
+    assert not summary["device"].isin(["x86_64", "aarch64", ""]).any(), summary["device"].unique()
+    assert (summary["wall_s"] >= summary["search_s"]).all()
+    for path in out.glob("autoquant/*/*/*/*/quant_manifest.json"):
+        provenance = json.loads(path.read_text())["provenance"]
+        assert provenance["job_wall_s"] >= provenance["wall_time_s"] > 0
+    front = (out / "reports" / "front_page.md").read_text()
+    assert "24 cells" in front and "Bit budget: all 24 cells reached it." in front and "from each job's process start" in front
+
+
 def test_demo_recipes_meet_their_budgets_and_report_each_disagreement(demo_run, capsys):
     import pandas as pd
 
@@ -141,7 +171,8 @@ def test_rerun_one_cell_runs_exactly_that_cell(demo_run):
     assert job_counts(forced.stdout) == {"autoquant": 1}
     # A lost validation reruns the validation alone, not the cell it validates.
     (cell / "validation.json").unlink()
-    assert job_counts(snakemake(workdir, *DEMO, "-n").stdout) == {"validate": 1, "validation_report": 1, "validation_plot": 1, "all": 1}
+    assert job_counts(snakemake(workdir, *DEMO, "-n").stdout) == {
+        "validate": 1, "validation_report": 1, "validation_plot": 1, "validation_page": 1, "front_page": 1, "all": 1}
     snakemake(workdir, *DEMO, *CPU_DEMO)
     # Nothing is left to do afterwards.
     after = snakemake(workdir, *DEMO, "-n")

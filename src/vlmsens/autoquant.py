@@ -27,7 +27,9 @@ from .calibration import install as install_calibrators
 from .errors import VlmsensError
 from .families import Family, block_index, sublayer_of, tower_of
 from .formats import FormatSpec
+from .logs import BatchProgress
 from .models import dtype_for, load_model, pick_device
+from .provenance import cpu_name
 from .scopes import get_scope
 
 log = logging.getLogger(__name__)
@@ -69,11 +71,14 @@ class CellSpec:
 
 @dataclass
 class PhaseClock:
-    """Wall time per phase and a progress line at each phase change."""
+    """Wall time per phase, a progress line at each phase change, and per-batch progress with an ETA
+    (``expected``: batches per phase, where known)."""
     progress: Callable[[str], None]
     times: dict[str, float] = field(default_factory=dict)
+    expected: dict[str, int] = field(default_factory=dict)
     _phase: str | None = None
     _start: float = 0.0
+    _batches: BatchProgress | None = None
 
     def enter(self, phase: str | None, detail: str = "") -> None:
         if phase == self._phase:
@@ -81,10 +86,18 @@ class PhaseClock:
         now = time.perf_counter()
         if self._phase is not None:
             self.times[self._phase] = self.times.get(self._phase, 0.0) + now - self._start
-            self.progress(f"{self._phase} done in {self.times[self._phase]:.2f} s")
-        self._phase, self._start = phase, now
+            batches = self._batches.summary() if self._batches else ""
+            self.progress(f"{self._phase} done in {self.times[self._phase]:.2f} s{batches}")
+        self._phase, self._start, self._batches = phase, now, None
         if phase is not None:
             self.progress(f"{phase} ..." + (f" {detail}" if detail else ""))
+
+    def batch(self, phase: str) -> None:
+        """A batch of ``phase`` starts (entering the phase when it is a new one)."""
+        self.enter(phase)
+        if self._batches is None:
+            self._batches = BatchProgress(self.progress, phase, self.expected.get(phase))
+        self._batches.step()
 
     def stop(self) -> dict[str, float]:
         self.enter(None)
@@ -275,14 +288,14 @@ def search(model, spec: CellSpec, batches: list[dict], clock: PhaseClock, num_sc
 
     def forward_step(model, batch):
         scoring = torch.is_inference_mode_enabled()
-        clock.enter("score" if scoring else "calibrate")
+        clock.batch("score" if scoring else "calibrate")
         if not scoring:
             install_calibrators(model)  # before the quantizers of each format first collect
         logits, _ = caption_logits(model, batch)
         return logits
 
     def forward_backward_step(model, batch):
-        clock.enter("score")
+        clock.batch("score")
         logits, targets = caption_logits(model, batch)
         # Summed, not averaged: each caption token weighs the same whatever the batch composition.
         loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
@@ -296,6 +309,10 @@ def search(model, spec: CellSpec, batches: list[dict], clock: PhaseClock, num_sc
 
     formats_cfg = [f.modelopt_config for f in spec.formats]
     n_steps = len(batches)
+    # ModelOpt calibrates each format on every batch; the gradient method scores all formats in one
+    # pass per batch (kl_div runs a pass per group and format: no total known in advance).
+    score_steps = min(num_score_steps or n_steps, n_steps)
+    clock.expected.update(calibrate=n_steps * len(formats_cfg), **({"score": score_steps} if spec.method == "gradient" else {}))
     try:
         with gradient_checkpointing(model, spec.gradient_checkpointing):
             model, search_state = mtq.auto_quantize(
@@ -307,7 +324,7 @@ def search(model, spec: CellSpec, batches: list[dict], clock: PhaseClock, num_sc
                 forward_backward_step=forward_backward_step if spec.method == "gradient" else None,
                 disabled_layers=disabled,
                 num_calib_steps=n_steps,
-                num_score_steps=min(num_score_steps or n_steps, n_steps),
+                num_score_steps=score_steps,
                 method=spec.method,
                 verbose=False,
             )
@@ -431,5 +448,5 @@ def _device_info(device: str) -> dict[str, Any]:
                     uuid=f"GPU-{props.uuid}" if getattr(props, "uuid", None) else None,
                     cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
     else:
-        info["name"] = platform.processor() or platform.machine()
+        info["name"] = cpu_name()
     return info

@@ -92,8 +92,13 @@ def run_cell(
     calib_db: str,
     outputs: dict[str, str],
     progress: Callable[[str], None] = log.info,
+    job_started: float | None = None,
 ) -> dict[str, Any]:
-    """Run one AutoQuantize cell and write its four files (JSON, Markdown, manifest, state)."""
+    """Run one AutoQuantize cell and write its four files (JSON, Markdown, manifest, state).
+
+    ``job_started``: when the job's process started (epoch seconds), so that ``job_wall_s`` counts
+    its start-up (imports, the wait for a GPU) as well as the cell.
+    """
     import torch
 
     started = time.perf_counter()
@@ -140,6 +145,8 @@ def run_cell(
             {"samples": samples_path, "calib_db": calib_db}, checkpoint=checkpoint
         )
         manifest["provenance"]["wall_time_s"] = round(time.perf_counter() - started, 3)
+        if job_started is not None:
+            manifest["provenance"]["job_wall_s"] = round(time.time() - job_started, 3)
         manifest["provenance"]["torch_threads"] = torch.get_num_threads()
         write_cell_reports(manifest, outputs)
     progress(

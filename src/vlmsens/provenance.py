@@ -25,6 +25,24 @@ def package_versions(names=PACKAGES) -> dict[str, str]:
     return versions
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), not only its architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def process_started() -> float:
+    """When this process started (seconds since the epoch): a job's wall time counts its start-up too."""
+    import psutil
+
+    return psutil.Process().create_time()
+
+
 def git_revision(start: str | Path | None = None) -> dict[str, object]:
     cwd = Path(start or Path(__file__).resolve().parent)
     try:

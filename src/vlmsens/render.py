@@ -114,6 +114,9 @@ def sensitivity_markdown(manifest: dict[str, Any]) -> str:
         ("Device", f"{manifest['device'].get('name')} ({manifest['dtype']})"),
         ("Wall time", f"{wall:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in manifest["timings_s"].items()) + ")"),
     ]
+    job_wall = manifest.get("provenance", {}).get("job_wall_s")
+    if job_wall is not None:
+        summary.append(("Job wall time", f"{job_wall:.1f} s (from the job's process start: start-up, GPU wait, the cell, writing)"))
     candidates = cell["candidates"]
     table = pd.DataFrame(
         [

@@ -8,5 +8,6 @@ job = Job(
     outputs=dict(snakemake.output.items()),
     wildcards=wildcards,
     params=dict(snakemake.params.items()),
+    named={key: [value] if isinstance(value, str) else list(value) for key, value in snakemake.input.items()},
 )
 run_logged(snakemake.log[0], analysis.describe(wildcards), analysis.write, job)

@@ -81,6 +81,23 @@ class Doc:
                 body.append(_html_table(frame, floatfmt) if len(frame) else f"<p>{_inline(empty)}</p>")
         return HTML_PAGE.format(title=html.escape(self.title), body="\n".join(body))
 
+    def to_rst(self) -> str:
+        """reStructuredText (the report's front page: Snakemake renders it with docutils)."""
+        out = [self.title, "=" * len(self.title), ""]
+        for kind, value in self.blocks:
+            if kind == "h2":
+                out += [value, "-" * len(value), ""]
+            elif kind == "p":
+                out += [_rst_inline(value), ""]
+            elif kind == "na":
+                out += [f"**Not applicable:** {_rst_inline(value)}", ""]
+            elif kind == "ul":
+                out += [f"- {_rst_inline(item)}" for item in value] + [""]
+            elif kind == "table":
+                frame, floatfmt, empty = value
+                out += [tabulate(frame, headers="keys", tablefmt="rst", showindex=False, floatfmt=floatfmt) if len(frame) else empty, ""]
+        return "\n".join(out)
+
     def write(self, md_path: str | Path | None = None, html_path: str | Path | None = None) -> None:
         if md_path is not None:
             atomic_write_text(md_path, self.to_markdown())
@@ -92,7 +109,8 @@ HTML_PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>
 body {{ font-family: system-ui, -apple-system, "Segoe UI", sans-serif; font-size: 14px; margin: 1.2em; color: #222; }}
-table {{ border-collapse: collapse; margin: 0.6em 0 1.2em 0; }}
+.table-scroll {{ overflow-x: auto; max-width: 100%; margin: 0.6em 0 1.2em 0; }}
+table {{ border-collapse: collapse; }}
 th, td {{ border: 1px solid #ccc; padding: 2px 8px; text-align: right; }}
 th {{ background: #f2f2f2; }}
 td.text, th.text {{ text-align: left; white-space: nowrap; }}
@@ -110,6 +128,11 @@ def _inline(text: str) -> str:
     out = html.escape(str(text))
     out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
     return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", out)
+
+
+def _rst_inline(text: str) -> str:
+    """Markdown's `code` as reST's ``code``; **bold** is the same in both."""
+    return re.sub(r"(?<!`)`([^`]+)`(?!`)", r"``\1``", str(text))
 
 
 def _fmt_cell(value: Any, floatfmt: str) -> str:
@@ -131,7 +154,8 @@ def _html_table(frame: pd.DataFrame, floatfmt: str) -> str:
             f'<td class="{"" if numeric[c] else "text"}">{_inline(_fmt_cell(v, floatfmt))}</td>' for c, v in zip(frame.columns, record, strict=False)
         )
         rows.append(f"<tr>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    # Wide tables scroll inside their box (the report shows a page in a frame of its own width).
+    return f'<div class="table-scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
 
 
 def md_table(frame: pd.DataFrame, floatfmt: str = ".4g") -> str:

@@ -27,7 +27,7 @@ def format_comparison(scores: pd.DataFrame, size_order: list[str], format_order:
     agreement_cols = ["format_a", "format_b", "scope", "size", "kendall_tau", "spearman", "n",
                       *[f"top{k}_overlap" for k in TOP_K], "median_log10_ratio", "share_b_higher"]
     layer_cols = ["format_a", "format_b", "scope", "size", "layer", "tower", "sublayer", "block", "score_a", "score_b",
-                  "log10_ratio", "rank_a", "rank_b", "selected_a", "selected_b"]
+                  "log10_ratio", "log10_ratio_vs_median", "rank_a", "rank_b", "rank_shift", "selected_a", "selected_b"]
     formats = ordered(scores["scored_format"].unique(), format_order)
     if len(formats) < 2:
         return Comparison(pd.DataFrame(columns=agreement_cols), pd.DataFrame(columns=layer_cols),
@@ -44,6 +44,8 @@ def format_comparison(scores: pd.DataFrame, size_order: list[str], format_order:
                 continue
             sa, sb = a.loc[common, "score"], b.loc[common, "score"]
             ratio = log10_ratio(sb, sa, floor)
+            rank_a = sa.rank(ascending=False, method="min").astype(int)
+            rank_b = sb.rank(ascending=False, method="min").astype(int)
             agreements.append({"format_a": fmt_a, "format_b": fmt_b, "scope": scope, "size": size, **agreement_row(sa, sb),
                                "median_log10_ratio": float(ratio.median()), "share_b_higher": float((sb > sa).mean())})
             layers.append(pd.DataFrame({
@@ -51,8 +53,9 @@ def format_comparison(scores: pd.DataFrame, size_order: list[str], format_order:
                 "tower": a.loc[common, "tower"].to_numpy(), "sublayer": a.loc[common, "sublayer"].to_numpy(),
                 "block": a.loc[common, "block"].to_numpy(), "score_a": sa.to_numpy(), "score_b": sb.to_numpy(),
                 "log10_ratio": ratio.to_numpy(),
-                "rank_a": sa.rank(ascending=False, method="min").astype(int).to_numpy(),
-                "rank_b": sb.rank(ascending=False, method="min").astype(int).to_numpy(),
+                # One format may score every group ten times higher; what matters is the order within it.
+                "log10_ratio_vs_median": (ratio - ratio.median()).to_numpy(),
+                "rank_a": rank_a.to_numpy(), "rank_b": rank_b.to_numpy(), "rank_shift": (rank_b - rank_a).to_numpy(),
                 "selected_a": a.loc[common, "selected_format"].to_numpy(), "selected_b": b.loc[common, "selected_format"].to_numpy(),
             }))
     if not agreements:
@@ -63,28 +66,40 @@ def format_comparison(scores: pd.DataFrame, size_order: list[str], format_order:
     size_rank = {s: i for i, s in enumerate(ordered(per_layer["size"].unique(), size_order))}
     scope_rank = {s: i for i, s in enumerate(ordered(per_layer["scope"].unique(), SCOPES))}
     agreement = agreement.sort_values(["format_a", "format_b", "scope", "size"], key=order_key(scope_rank, size_rank)).reset_index(drop=True)
-    per_layer = per_layer.assign(abs_ratio=per_layer["log10_ratio"].abs())
-    per_layer = per_layer.sort_values(["format_a", "format_b", "scope", "size", "abs_ratio"], key=order_key(scope_rank, size_rank),
-                                      ascending=[True, True, True, True, False]).drop(columns="abs_ratio").reset_index(drop=True)
+    per_layer = per_layer.sort_values(["format_a", "format_b", "scope", "size"], key=order_key(scope_rank, size_rank), kind="stable")
+    per_layer = _flips_first(per_layer).reset_index(drop=True)
     return Comparison(agreement, per_layer)
 
 
-def disagreement_table(per_layer: pd.DataFrame, size_order: list[str], top: int = 15, a: str = "a", b: str = "b") -> dict[tuple, pd.DataFrame]:
-    """Per (pair, scope): the ``top`` groups with the largest |log10 ratio| at the largest size, with the ratio at every size."""
+def _flips_first(per_layer: pd.DataFrame) -> pd.DataFrame:
+    """Rows of each (pair, scope, size) by how far the group moves between the two rankings:
+    |rank shift|, then |log10 ratio less its median| (groups are compared within each format)."""
+    keyed = per_layer.assign(_shift=per_layer["rank_shift"].abs(), _ratio=per_layer["log10_ratio_vs_median"].abs(),
+                             _block=per_layer[["format_a", "format_b", "scope", "size"]].astype(str).agg("/".join, axis=1))
+    keyed["_block"] = pd.factorize(keyed["_block"])[0]
+    keyed = keyed.sort_values(["_block", "_shift", "_ratio"], ascending=[True, False, False], kind="stable")
+    return keyed.drop(columns=["_shift", "_ratio", "_block"])
+
+
+def disagreement_table(per_layer: pd.DataFrame, size_order: list[str], top: int = 15) -> dict[tuple, pd.DataFrame]:
+    """Per (pair, scope): the ``top`` largest rank flips at the largest size, with the rank shift at every size.
+
+    A global offset (one format scoring every group ten times higher) moves no rank, so the table
+    orders by |rank shift|, then by |log10 ratio − its median|.
+    """
     out = {}
     for (fa, fb, scope), part in per_layer.groupby(["format_a", "format_b", "scope"], sort=False):
         sizes = ordered(part["size"].unique(), size_order)
-        largest = part[part["size"] == sizes[-1]].copy()
-        largest = largest.reindex(largest["log10_ratio"].abs().sort_values(ascending=False).index).head(top)
+        largest = _flips_first(part[part["size"] == sizes[-1]]).head(top)
         table = pd.DataFrame({
             "layer": largest["layer"].map(short_name), "tower": largest["tower"],
             f"{fa}": largest["score_a"], f"{fb}": largest["score_b"],
+            f"rank {fa}": largest["rank_a"].to_numpy(), f"rank {fb}": largest["rank_b"].to_numpy(),
         })
         for size in sizes:
-            ratios = part[part["size"] == size].set_index("layer")["log10_ratio"]
-            table[f"log10({fb}/{fa}) {size}"] = largest["layer"].map(ratios).to_numpy()
-        table[f"rank {fa}"] = largest["rank_a"].to_numpy()
-        table[f"rank {fb}"] = largest["rank_b"].to_numpy()
+            shifts = part[part["size"] == size].set_index("layer")["rank_shift"]
+            table[f"rank shift {size}"] = largest["layer"].map(shifts).to_numpy()
+        table["log10 ratio − median"] = largest["log10_ratio_vs_median"].to_numpy()
         table["less sensitive"] = np.where(largest["score_b"] < largest["score_a"], fb,
                                            np.where(largest["score_a"] < largest["score_b"], fa, "tie"))
         out[(fa, fb, scope, sizes[-1])] = table.reset_index(drop=True)
@@ -96,15 +111,17 @@ def format_comparison_doc(model: str, comparison: Comparison, size_order: list[s
     doc.para(
         "Per-group AutoQuantize scores per caption token of two formats on the same model, scope and calibration "
         "data (raw scores, before ModelOpt's monotone clipping, so both are visible even at equal bit cost). "
-        "log10 ratio > 0: the group is more sensitive to the second format. Groups where the formats disagree by "
-        "orders of magnitude are where picking the format per layer pays off."
+        "log10 ratio > 0: the group is more sensitive to the second format. One format may score every group "
+        "higher (the median ratio); what matters for picking a format per layer is where the **order** changes: "
+        "the rank flips below (rank shift = rank under the second format − rank under the first; log10 ratio − "
+        "median = the ratio with the global offset removed)."
     )
     if comparison.reason:
         return doc.not_applicable(comparison.reason + ".")
     doc.heading("Agreement between formats")
     doc.table(comparison.agreement, floatfmt=".3f")
     for (_fa, _fb, scope, size), table in disagreement_table(comparison.per_layer, size_order).items():
-        doc.heading(f"Largest disagreements, {scope} (ranked at size {size})")
+        doc.heading(f"Largest rank flips, {scope} (ranked at size {size})")
         doc.table(table, floatfmt=".3g")
     return doc
 
@@ -131,7 +148,7 @@ def plot_format_comparison(comparison: Comparison, model: str, size_order: list[
             for decade in (10, 0.1):
                 ax.plot([lo, hi], [lo * decade, hi * decade], color="grey", lw=0.6, ls=":")
             top = sub[sub["size"] == sizes[-1]]
-            top = top.reindex(top["log10_ratio"].abs().sort_values(ascending=False).index).head(4)
+            top = _flips_first(top).head(4)
             for _, r in top.iterrows():
                 ax.annotate(short_name(r["layer"]), (max(r["score_a"], floor), max(r["score_b"], floor)), fontsize=6,
                             xytext=(3, 3), textcoords="offset points")
@@ -159,7 +176,7 @@ ANALYSIS = register(Analysis(
     params=("size_order", "format_order"),
     outputs=(
         Output("png", "{model}/format_comparison.png", "per-group scores of two formats (scatter)"),
-        Output("html", "{model}/format_comparison.html", "agreement and largest disagreements (table)"),
+        Output("html", "{model}/format_comparison.html", "agreement and largest rank flips (table)"),
         Output("agreement_csv", "{model}/format_agreement.csv"),
         Output("layers_csv", "{model}/format_layers.csv"),
         Output("md", "{model}/format_comparison.md"),
