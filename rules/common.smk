@@ -6,6 +6,7 @@ import sys
 from vlmsens.config import (
     Settings,
     autoquant_settings,
+    calibration_inputs,
     check_config,
     format_settings,
     grid_cells,

@@ -89,7 +89,7 @@ def _layers(rows):
         kept = rest[0] if len(rest) > 0 else False
         cost = rest[1] if len(rest) > 1 else 1.0
         family = rest[2] if len(rest) > 2 else "fam"
-        records.append({"model": model, "format": fmt, "scope": scope, "size": size, "family": family, "layer": layer,
+        records.append({"model": model, "format": fmt, "scope": scope, "size": size, "family": family, "inputs": "image+caption", "layer": layer,
                         "tower": tower, "block": block, "sublayer": sublayer, "sensitivity": score, "sensitivity_raw": score,
                         "rank": 0, "selected_format": "bf16" if kept else fmt, "num_bits": 16.0 if kept else 8.0,
                         "uncompressed_cost": cost, "kept_bf16": kept})

@@ -89,7 +89,7 @@ def _validated(checkpoint: Path, family: str, fmt: str, scope: str, dbs, coco, w
         samples[name] = workdir / f"{name}-{scope}.pt"
         if not samples[name].exists():
             prepare_samples(checkpoint=str(checkpoint), calib_db=str(dbs[name]), coco_root=str(coco), scope=scope,
-                            prompts=PROMPTS, out_path=str(samples[name]), progress=lambda _: None)
+                            inputs="image+caption", prompts=PROMPTS, out_path=str(samples[name]), progress=lambda _: None)
     cell = workdir / f"{fmt}-{scope}"
     cell.mkdir(exist_ok=True)
     common = dict(model_name=f"tiny_{family}", model_cfg={"family": family}, checkpoint=str(checkpoint), format_name=fmt,
@@ -141,10 +141,18 @@ def test_planted_vision_group_counts_only_in_all_layers(planted, dbs, demo_coco,
     family = "qwen2_5_vl"
     work = tmp_path_factory.getbasetemp() / f"validate_planted_{family}"
     _, full = _validated(planted[family], family, "wint8_aint8", "all-layers", dbs, demo_coco, work)
-    _, text = _validated(planted[family], family, "wint8_aint8", "lm-only", dbs, demo_coco, work)
+    text_manifest, text = _validated(planted[family], family, "wint8_aint8", "lm-only", dbs, demo_coco, work)
     assert any(g.startswith(FRAGILE[1]) for g in _row(full, 0.10)["top"]["groups"])
     towers = {r["tower"] for r in text["ablations"]["rows"]}
     assert "vision" not in towers and "vision" in {r["tower"] for r in full["ablations"]["rows"]}
+    # lm-only differs from all-layers in what is quantized, not in what the model sees: its batches
+    # hold the images, its text groups score nonzero, and the vision tower stays out of the search.
+    assert text_manifest["config"]["inputs"] == text["dataset"]["inputs"] == "image+caption"
+    assert text_manifest["batches"]["image_patches_per_sample_max"] > 0 and text["eval"]["image_patches_per_sample_max"] > 0
+    assert all(g["scores_raw"]["wint8_aint8"] > 0 for g in text_manifest["groups"])
+    assert not any(g["tower"] == "vision" for g in text_manifest["groups"])
+    excluded = {g["tower"] for g in text_manifest["excluded_groups"]}
+    assert excluded == {"vision"}, excluded
 
 
 def test_validation_files_schema_and_provenance(planted, dbs, demo_coco, tmp_path_factory):
@@ -265,7 +273,7 @@ def test_all_bf16_selection_does_no_damage_on_the_search_model(tiny_checkpoints,
     for name in ("calib", "eval"):
         paths[name] = tmp_path / f"{name}.pt"
         prepare_samples(checkpoint=str(checkpoint), calib_db=str(dbs[name]), coco_root=str(demo_coco), scope="lm-only",
-                        prompts=PROMPTS, out_path=str(paths[name]), progress=lambda _: None)
+                        inputs="caption-only", prompts=PROMPTS, out_path=str(paths[name]), progress=lambda _: None)
     spec = CellSpec(model="tiny", family=get_family(family), checkpoint=str(checkpoint), format_name="wint8_aint8",
                     formats=resolve_format("wint8_aint8", format_registry({})), scope="lm-only", size="small",
                     effective_bits=8.5, batch_size=4, device="cpu")

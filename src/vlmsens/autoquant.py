@@ -178,7 +178,7 @@ def load_cell_model(spec: CellSpec, samples: list[dict], clock: PhaseClock):
     plan["resident_gib"] = round(_resident_bytes(model, device) / 2**30, 3)
     plan["largest_batch"] = largest_batch_shape(samples, plan["batch_size"])
     batches = device_batches(model, samples, plan["batch_size"], device, dtype)
-    if get_scope(spec.scope).with_image and "pixel_values" not in batches[0]:
+    if get_scope(spec.scope).needs_images and "pixel_values" not in batches[0]:
         raise VlmsensError(f"scope {spec.scope} needs image+caption samples, but the prepared samples are text-only")
     return model, batches, device, dtype, plan
 

@@ -17,6 +17,17 @@ def primary_format(manifest: dict[str, Any]) -> str:
     return manifest["cell"]["candidates"][0]
 
 
+def cell_inputs(manifest: dict[str, Any]) -> str:
+    """What the cell's samples held (``calibration.inputs`` as its scope read it).
+
+    Manifests written before the key existed calibrated lm-only cells on captions alone.
+    """
+    recorded = manifest["config"].get("inputs")
+    if recorded:
+        return recorded
+    return "image+caption" if manifest["cell"]["scope"] == "all-layers" else "caption-only"
+
+
 def layer_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per searched group, sorted by sensitivity (descending), legacy keys first."""
     bits = {name: fmt["bits"] for name, fmt in manifest["formats"].items()}
@@ -69,7 +80,7 @@ def sensitivity_json(manifest: dict[str, Any]) -> dict[str, Any]:
             "tokens": batches["tokens"],
             "loss_tokens": batches["loss_tokens"],
             "padding_fraction": batches["padding_fraction"],
-            "modality": "image+caption" if cell["scope"] == "all-layers" else "caption only",
+            "inputs": cell_inputs(manifest),
             "calib_db": manifest["dataset"].get("calib_db"),
         },
         "quantization": {
@@ -104,6 +115,7 @@ def sensitivity_markdown(manifest: dict[str, Any]) -> str:
         ("Format", cell["format"] + ("" if cell["candidates"] == [cell["format"]] else f" (candidates: {', '.join(cell['candidates'])})")),
         ("Scope", cell["scope"]),
         ("Calibration size", f"{cell['size']} ({batches['samples']} samples)"),
+        ("Calibration inputs", cell_inputs(manifest)),
         ("Method", search["method"]),
         ("Effective bits target", f"{search['effective_bits_target']:.4f}"),
         ("Effective bits achieved", f"{search['effective_bits_achieved']:.4f}"),
