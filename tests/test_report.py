@@ -423,7 +423,7 @@ def test_write_cell_recipes_without_state(tmp_path):
     for r in out[1:]:
         assert r["within_budget"] and r["achieved_bits"] <= r["budget_bits"] + 1e-9
         assert r["predicted_score"] == pytest.approx(rc.score_of(manifest, r["selection"]))
-        assert r["source"] == "manifest MILP"
+        assert r["source"] == "manifest (exact min-score MILP)"
     assert rc.budget_slug(9.0) == "eb9" and rc.budget_slug(8.25) == "eb8.25"
     payload = json.loads((tmp_path / "recipes.json").read_text())
     assert [r["budget_bits"] for r in payload["recipes"]] == budgets and "quant_cfg" not in payload["recipes"][0]

@@ -344,7 +344,11 @@ def run_autoquant(
         modules = list(stat["module_names"])
         searched = [r for r in stat["formats"] if r != no_quant]
         if not searched:
-            excluded.append({"layer": layer, "modules": modules, "tower": tower_of(layer, spec.family.vision_patterns)})
+            # outside the search and the budget; its BF16 weight cost (cost weight 1) sizes it in the JSON
+            excluded.append({"layer": layer, "modules": modules, "tower": tower_of(layer, spec.family.vision_patterns),
+                             "block": block_index(modules[0]),
+                             "sublayer": sublayer_of(layer, modules, spec.family.sublayer_rules),
+                             "weight_cost": float(hparam.get_cost(no_quant, cost_weight=1.0))})
             continue
         raw = {_name_of(r, mapping): float(hparam.get_score(r)) for r in searched}
         per_token = {k: v / max(stats["loss_tokens"], 1) for k, v in raw.items()}
@@ -388,6 +392,7 @@ def run_autoquant(
             "effective_bits_achieved": float(best["constraints"].get("effective_bits", math.nan)),
             "score": float(best["score"]),
             "is_satisfied": bool(best["is_satisfied"]),
+            "state_keys": sorted(str(k) for k in search_state),
         },
         "groups": groups,
         "excluded_groups": excluded,

@@ -10,12 +10,12 @@ from typing import Any
 
 import pandas as pd
 
+from ..families import TOWERS as TOWERS  # re-exported to the plots
 from ..io import atomic_path
 from ..render import cell_inputs, layer_rows
 from ..scopes import SCOPES as SCOPE_REGISTRY
 
 CELL_KEYS = ["model", "format", "scope", "size"]
-TOWERS = ("vision", "text", "head")
 SCOPES = tuple(SCOPE_REGISTRY)  # the registry's order: lm-only, then all-layers
 
 
