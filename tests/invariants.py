@@ -92,7 +92,7 @@ def check_validation(doc: dict[str, Any], manifest: dict[str, Any]) -> None:
     for r in rows:
         assert r["predicted_score"] == by_layer[r["layer"]]["scores_raw"][fmt]
         assert r["predicted_score_per_token"] == by_layer[r["layer"]]["scores_per_token"][fmt]
-        assert r["size_cost"] == by_layer[r["layer"]]["uncompressed_cost"]
+        assert r["weight_cost"] == by_layer[r["layer"]]["uncompressed_cost"]
         # the per-sample sums are the measurement's own: they add up to its per-token value
         assert sum(r["per_sample"]["kl"]) / sum(tokens) == pytest.approx(r["kl"], rel=1e-9, abs=1e-12)
     for m in MEASURES:

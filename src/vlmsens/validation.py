@@ -7,7 +7,7 @@ sets of groups chosen from the ranking and measures what happens on the held-out
 * **top / bottom / random / largest / smallest at equal weight**: for each fraction of
   ``validation.k`` of the searched weight, the most sensitive groups, the least sensitive, random
   groups (seeded, several draws), and the size-only baseline (the largest and the smallest groups:
-  ranking by ``size_cost`` alone), each set filled to the same quantized weight within the smallest
+  ranking by size alone: the BF16 weight cost), each set filled to the same quantized weight within the smallest
   group's share. Gradient scores grow with a group's size, so sets of equal *count* would partly
   measure size; the size-only sets show whether the ranking beats "quantize the small layers first".
 * **one-group ablations**: a stratified sample of groups across the ranking, each quantized alone;
@@ -74,7 +74,7 @@ def ranked_groups(manifest: dict[str, Any], fmt: str) -> list[dict[str, Any]]:
 
 
 def by_size(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """The size-only ranking: largest ``size_cost`` (BF16 weight cost) first, ties by layer name."""
+    """The size-only ranking: largest BF16 weight cost (``uncompressed_cost``, the size ``size_cost`` measures) first, ties by layer name."""
     return sorted(manifest["groups"], key=lambda g: (-float(g["uncompressed_cost"]), g["layer"]))
 
 
@@ -645,7 +645,7 @@ def run_validation(
         rows.append({"layer": group["layer"], "tower": group["tower"], "rank": position + 1,
                      "predicted_score": float(group["scores_raw"][fmt]),
                      "predicted_score_per_token": float(group["scores_per_token"][fmt]),
-                     "size_cost": float(group["uncompressed_cost"]), **measured})
+                     "weight_cost": float(group["uncompressed_cost"]), **measured})
     correlation, size_only, towers = ablation_statistics(rows, evaluator.tokens, settings)
 
     clock.enter("end-to-end", f"the solver's recipe at {budget:g} bits, uniform {fmt}, {settings.random_draws} random "
@@ -732,7 +732,7 @@ def ablation_statistics(rows: list[dict[str, Any]], tokens: list[int], settings:
 
     everything = list(range(len(rows)))
     correlation = correlations(predicted, everything)
-    size_only = correlations([r["size_cost"] for r in rows], everything)
+    size_only = correlations([r["weight_cost"] for r in rows], everything)
     under = under_prediction(predicted, [r["per_sample"][DAMAGE] for r in rows], tokens, strata,
                              settings.bootstrap_resamples, settings.seed)
     towers = {}

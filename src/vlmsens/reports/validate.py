@@ -139,9 +139,9 @@ def validation_doc(doc: dict[str, Any]):
               "the score under-predicts that tower's damage.")
     page.table(pd.DataFrame(tower_rows(doc)))
     table = pd.DataFrame(doc["ablations"]["rows"])
-    columns = ["rank", "layer", "tower", "predicted_score_per_token", "size_cost", "kl", "loss_increase"]
+    columns = ["rank", "layer", "tower", "predicted_score_per_token", "weight_cost", "kl", "loss_increase"]
     page.table(table[[c for c in columns if c in table]].rename(columns={
-        "predicted_score_per_token": "predicted (per token)", "size_cost": "size cost", "kl": "KL", "loss_increase": "Δloss"}))
+        "predicted_score_per_token": "predicted (per token)", "weight_cost": "weight (BF16 cost)", "kl": "KL", "loss_increase": "Δloss"}))
     page.heading("End to end at the cell's budget")
     e2e = doc["end_to_end"]
     rand = e2e["random_same_budget"]

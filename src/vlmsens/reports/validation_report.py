@@ -94,7 +94,7 @@ def validation_summary_doc(frame: pd.DataFrame, towers: pd.DataFrame | None = No
         "Each cell's ranking is tested on the held-out evaluation subset (disjoint from calibration) "
         "against the BF16 model, on caption tokens. Damage = KL divergence BF16 → quantized per caption "
         "token. ρ: Spearman between a group's predicted score and the damage of quantizing that group "
-        "alone; size-only ρ: the same with the group's size (`size_cost`) as the prediction, the baseline a "
+        "alone; size-only ρ: the same with the group's size (its BF16 weight cost) as the prediction, the baseline a "
         "ranking must beat. top/bottom: damage of quantizing the most sensitive groups over that of the least "
         "sensitive, both sets holding the same share of the weight (k_weight, within the smallest group's share); "
         "largest/smallest: the same for the size-only sets. Recipe: the solver's selection at the cell's budget "
