@@ -43,8 +43,9 @@ def _smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pix
 
 
 def synthetic_samples(family_name: str, size: str, n: int, scope: str, seed: int = 0,
-                      min_pixels: int = 50176, max_pixels: int = 200704) -> list[dict]:
-    """Samples shaped like vlmsens.batches.encode_sample output, with random ids and pixels."""
+                      min_pixels: int = 50176, max_pixels: int = 200704, inputs: str = "image+caption") -> list[dict]:
+    """Samples shaped like vlmsens.batches.encode_sample output, with random ids and pixels (images for
+    both scopes unless ``inputs`` is 'caption-only', which keeps lm-only samples text-only)."""
     import torch
 
     from vlmsens.batches import IGNORE_INDEX
@@ -73,7 +74,7 @@ def synthetic_samples(family_name: str, size: str, n: int, scope: str, seed: int
         n_caption = int(torch.randint(8, 21, (1,), generator=generator)) * 13 // 10  # ~1.3 tokens per word
         prompt = [ids["im_start"], *words(5), ids["im_end"], *words(1), ids["im_start"], *words(2)]
         pixel_values = grid = None
-        if scope == "all-layers":
+        if scope == "all-layers" or inputs == "image+caption":  # calibration.inputs, as the pipeline reads it
             h, w = _smart_resize(*IMAGE_SIZE, factor=patch * merge, min_pixels=min_pixels, max_pixels=max_pixels)
             gh, gw = h // patch, w // patch
             n_image = gh * gw // (merge * merge)

@@ -6,6 +6,7 @@ import sys
 from vlmsens.config import (
     Settings,
     autoquant_settings,
+    calibration_inputs,
     check_config,
     export_settings,
     export_targets,

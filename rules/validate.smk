@@ -12,6 +12,7 @@ rule prepare_eval_samples:
     params:
         checkpoint=checkpoint_of,
         coco_root=coco_root(),
+        inputs=lambda wildcards: calibration_inputs(config, wildcards.scope),
         prompts=lambda wildcards: prompt_settings(config, wildcards.scope),
     threads: 1
     log:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from vlmsens.recipes import SCORE_RTOL, bits_of, bits_range, is_nested, score_of
-from vlmsens.validation import k_of, ranked_groups, ratio, stratified_positions, verdict
+from vlmsens.validation import bits_tolerance, by_size, ranked_groups, ratio, stratified_positions, verdict, weight_share
 
 MEASURES = ("kl", "loss_increase")
 
@@ -27,8 +27,13 @@ def is_established(doc: dict[str, Any]) -> bool:
 
 VERDICT_LINE = re.compile(
     r"ranking predicts damage: ρ = (?P<rho>-?[\d.]+|nan)(?: \[(?P<lo>-?[\d.]+), (?P<hi>-?[\d.]+)\])?, "
-    r"top-k/bottom-k damage ratio = (?:[\d.e+-]+×|undefined \(bottom-k damage is 0\)) "
-    r"\(k = \d+%, (?P<k>\d+) of (?P<n>\d+) groups\)(?P<not>; not established: the ρ interval does not exclude 0)?"
+    r"top-k/bottom-k damage ratio = (?:[\d.e+-]+×(?: \[[\d.e+-]+, [\d.e+-]+\])?|undefined \(bottom-k damage is 0\)) "
+    r"\(k = \d+% of the weight, (?P<top>\d+) and (?P<bottom>\d+) of (?P<n>\d+) groups\); "
+    r"size alone: ρ = (?:-?[\d.]+|nan)(?: \[-?[\d.]+, -?[\d.]+\])?"
+    r"(?P<not>; not established: the ρ interval does not exclude 0)?"
+    r"(?P<towers>(?:; the score under-predicts the (?:vision|text|head) tower's damage \([^)]*\))*)"
+    r"(?P<intervals>\. Intervals: 95% percentile bootstrap over the \d+ held-out samples "
+    r"\(ρ: and over the ablated groups within each tower\))?"
 )
 
 
@@ -51,15 +56,34 @@ def check_validation(doc: dict[str, Any], manifest: dict[str, Any]) -> None:
     assert doc["verdict"] == verdict(doc)
     assert ("not established" not in doc["verdict"]) == is_established(doc), doc["verdict"]
 
+    share = weight_share(manifest)
+    tolerance = min(share.values())
+    largest = [g["layer"] for g in by_size(manifest)]
     for row in doc["top_k"]:
-        k = row["k"]
-        assert k == k_of(row["fraction"], len(ranked))
-        assert row["top"]["groups"] == ranked[:k] and row["bottom"]["groups"] == ranked[-k:]
+        # Every set quantizes the same fraction of the searched weight, within the smallest group's share,
+        # and says how many groups, which weight and how many bits it has.
+        sets = [row["top"], row["bottom"], row["size_only"]["largest"], row["size_only"]["smallest"], *row["random"]["draws"]]
+        for chosen in sets:
+            assert chosen["weight_fraction"] == pytest.approx(sum(share[layer] for layer in chosen["groups"]))
+            assert chosen["within_tolerance"] == (abs(chosen["weight_fraction"] - row["fraction"]) <= tolerance + 1e-9)
+            assert chosen["k"] == len(chosen["groups"]) == chosen["quantized_groups"]
+            assert chosen["bits"] == pytest.approx(bits_of(manifest, {layer: fmt if layer in chosen["groups"] else "bf16" for layer in ranked}), abs=1e-9)
+        assert row["k"] == row["top"]["k"]
+        # top: the most sensitive groups in rank order (a group too large for what is left is skipped)
+        assert row["top"]["groups"] == [layer for layer in ranked if layer in set(row["top"]["groups"])]
+        assert row["bottom"]["groups"] == [layer for layer in ranked[::-1] if layer in set(row["bottom"]["groups"])]
+        assert not set(row["top"]["groups"]) & set(row["bottom"]["groups"])
+        assert row["size_only"]["largest"]["groups"] == [layer for layer in largest if layer in set(row["size_only"]["largest"]["groups"])]
         assert len(row["random"]["draws"]) == doc["settings"]["random_draws"]
         for m in MEASURES:
-            assert row["ratio_top_bottom"][m] == ratio(row["top"][m], row["bottom"][m])
+            assert row["ratio_top_bottom"][m] == (ratio(row["top"][m], row["bottom"][m]) if row["top"]["k"] and row["bottom"]["k"] else None)
             assert row["random"]["mean"][m] == pytest.approx(sum(d[m] for d in row["random"]["draws"]) / k_draws(row))
+            big, small = row["size_only"]["largest"], row["size_only"]["smallest"]
+            assert row["size_only"]["ratio_largest_smallest"][m] == (ratio(big[m], small[m]) if big["k"] and small["k"] else None)
+        check_interval(row["ratio_top_bottom"]["kl"], row["ratio_top_bottom_ci95"]["kl"], doc)
 
+    tokens = doc["eval"]["tokens_per_sample"]
+    assert len(tokens) == doc["eval"]["samples"] and sum(tokens) == doc["eval"]["loss_tokens"]
     rows = doc["ablations"]["rows"]
     positions = stratified_positions(len(ranked), doc["settings"]["ablation_groups"])
     assert [r["layer"] for r in rows] == [ranked[p] for p in positions]
@@ -68,6 +92,18 @@ def check_validation(doc: dict[str, Any], manifest: dict[str, Any]) -> None:
     for r in rows:
         assert r["predicted_score"] == by_layer[r["layer"]]["scores_raw"][fmt]
         assert r["predicted_score_per_token"] == by_layer[r["layer"]]["scores_per_token"][fmt]
+        assert r["weight_cost"] == by_layer[r["layer"]]["uncompressed_cost"]
+        # the per-sample sums are the measurement's own: they add up to its per-token value
+        assert sum(r["per_sample"]["kl"]) / sum(tokens) == pytest.approx(r["kl"], rel=1e-9, abs=1e-12)
+    for m in MEASURES:
+        check_interval(doc["ablations"]["correlation"][m]["spearman"]["value"], doc["ablations"]["correlation"][m]["spearman"]["ci95"], doc)
+    # per tower: the rows of that tower, and a ρ of its own where it has 3 rows or more
+    towers = doc["ablations"]["towers"]
+    assert set(towers) == {r["tower"] for r in rows}
+    for tower, entry in towers.items():
+        assert entry["n"] == sum(r["tower"] == tower for r in rows)
+        assert math.isnan(entry["correlation"]["spearman"]["value"]) == (entry["n"] < 3)
+    assert doc["ablations"]["size_only"]["kl"]["n"] == len(rows)
 
     e2e = doc["end_to_end"]
     assert e2e["budget_bits"] == manifest["search"]["effective_bits_target"]
@@ -79,14 +115,28 @@ def check_validation(doc: dict[str, Any], manifest: dict[str, Any]) -> None:
     assert e2e["uniform"]["bits"] == pytest.approx(bits_of(manifest, dict.fromkeys(ranked, fmt)), abs=1e-9)
     draws = e2e["random_same_budget"]["draws"]
     assert len(draws) == doc["settings"]["random_draws"]
-    assert all(d["bits"] <= e2e["recipe"]["bits"] + 1e-9 for d in draws)
-    assert e2e["random_same_budget"]["recipe_beats"] == sum(d["kl"] > e2e["recipe"]["kl"] for d in draws)
+    # random recipes are built to the solver's bits within the smallest group's share, and only those are compared
+    assert e2e["bits_tolerance"] == pytest.approx(bits_tolerance(manifest, fmt))
+    for d in [*draws, e2e["size_only"]]:
+        assert d["within_tolerance"] == (abs(d["bits"] - e2e["recipe"]["bits"]) <= e2e["bits_tolerance"] + 1e-9)
+    compared = [d for d in draws if d["within_tolerance"]]
+    assert e2e["random_same_budget"]["compared"] == len(compared)
+    assert e2e["random_same_budget"]["recipe_beats"] == sum(d["kl"] > e2e["recipe"]["kl"] for d in compared)
     assert e2e["recipe_vs_uniform_kl"] == ratio(e2e["recipe"]["kl"], e2e["uniform"]["kl"])
 
     # Every configuration the file reports was measured, and nothing else.
     n_draws = doc["settings"]["random_draws"]
-    expected = len(doc["top_k"]) * (2 + n_draws) + len(rows) + 2 + n_draws
+    expected = len(doc["top_k"]) * (4 + n_draws) + len(rows) + 3 + n_draws
     assert doc["eval"]["configurations_measured"] == expected
+
+
+def check_interval(value: float | None, interval: list[float], doc: dict[str, Any]) -> None:
+    """An interval is there when resamples are, and holds its point estimate (or is undefined with it)."""
+    lo, hi = interval
+    if not doc["settings"]["bootstrap_resamples"] or value is None or (isinstance(value, float) and math.isnan(value)):
+        return
+    assert not math.isnan(lo) and not math.isnan(hi), interval
+    assert lo <= hi
 
 
 def k_draws(row: dict[str, Any]) -> int:
@@ -98,6 +148,8 @@ def agreement_line(check: dict[str, Any]) -> str | None:
     if check["agrees"]:
         return None
     gap = check["score_gap_rel"]
+    if check.get("rule") == "ModelOpt kl_div threshold rule":
+        return f"no: ModelOpt's pick differs from its threshold rule replayed on the manifest (score {gap:+.3%})"
     if gap > 0:
         return f"no: ModelOpt's pick scores {gap:+.3%} above the exact optimum"
     return f"no: the MILP's pick scores {-gap:+.3%} above ModelOpt's"
@@ -126,7 +178,9 @@ def check_recipes(payload: dict[str, Any], manifest: dict[str, Any], page: str) 
         gap = (r["predicted_score"] - milp) / milp if milp else (0.0 if r["predicted_score"] == milp else math.inf)
         assert check["score_gap_rel"] == pytest.approx(gap, rel=1e-9, abs=1e-15)
         # The MILP is exact: no recipe of the same budget scores below it beyond the solvers' tolerance.
-        assert check["score_gap_rel"] >= -SCORE_RTOL, check
+        # (kl_div cells replay ModelOpt's threshold rule instead, which is no minimum.)
+        if manifest.get("search", {}).get("method") != "kl_div":
+            assert check["score_gap_rel"] >= -SCORE_RTOL, check
         assert check["agrees"] == (check["same_selection"] or abs(check["score_gap_rel"]) <= SCORE_RTOL)
         line = agreement_line(check)
         if line is not None:

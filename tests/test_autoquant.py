@@ -264,7 +264,7 @@ def test_cell_writes_outputs_and_rerenders_from_manifest_alone(tiny_checkpoints,
     family = "qwen2_5_vl"
     samples_path = tmp_path / "samples.pt"
     prepare_samples(checkpoint=str(tiny_checkpoints[family]), calib_db=str(subsets["small"]), coco_root=str(demo_coco),
-                    scope="all-layers", prompts=PROMPTS, out_path=str(samples_path), progress=lambda _: None)
+                    scope="all-layers", inputs="image+caption", prompts=PROMPTS, out_path=str(samples_path), progress=lambda _: None)
     outputs = {k: str(tmp_path / "cell" / v) for k, v in (
         ("json", "per-layer-sensitivity.json"), ("markdown", "per-layer-sensitivity.md"),
         ("manifest", "quant_manifest.json"), ("state", "autoquant_state.pt"))}

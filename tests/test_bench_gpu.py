@@ -34,8 +34,9 @@ def test_bench_runs_ours_and_the_baseline_on_tiny_models(tmp_path):
     validation = ours["validation"]
     assert validation["eval_samples"] == 4
     n_groups = int(check_verdict_line(validation["verdict"])["n"])
-    # Default settings: 3 k × (top, bottom, 5 random) + up to 24 ablations + recipe, uniform, 5 random recipes.
-    assert validation["configurations_measured"] == 3 * 7 + min(24, n_groups) + 7
+    # Default settings: 3 k × (top, bottom, largest, smallest, 5 random) + up to 24 ablations
+    # + recipe, uniform, size-only, 5 random recipes.
+    assert validation["configurations_measured"] == 3 * 9 + min(24, n_groups) + 8
     assert {"calibrate", "reference", "top-k", "ablations", "end-to-end"} <= set(validation["phases_s"])
     assert baseline.get("validation") is None
 

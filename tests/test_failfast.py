@@ -25,6 +25,7 @@ from conftest import REPO, copy_workflow, fake_checkpoint, fake_hub_snapshot
 from vlmsens.calib import build_eval_subset, build_subset, load_annotations
 from vlmsens.config import (
     autoquant_settings,
+    calibration_inputs,
     check_config,
     check_not_merged,
     format_settings,
@@ -263,8 +264,15 @@ def test_cell_params_hold_only_the_cells_own_settings():
     assert format_settings(config, "wfp8_afp8") == {}
     assert validation_settings(config) == {"k": [0.1]}
     prompts = {"prompts": {"image_instruction": "i", "text_instruction": "t", "min_pixels": 1, "max_pixels": 2}}
-    assert prompt_settings(prompts, "lm-only") == {"text_instruction": "t"}
-    assert prompt_settings(prompts, "all-layers") == {"image_instruction": "i", "min_pixels": 1, "max_pixels": 2}
+    image_keys = {"image_instruction": "i", "min_pixels": 1, "max_pixels": 2}
+    # image+caption for both scopes by default: the scopes' samples depend on the same keys
+    assert prompt_settings(prompts, "lm-only") == prompt_settings(prompts, "all-layers") == image_keys
+    assert calibration_inputs(prompts, "lm-only") == calibration_inputs(prompts, "all-layers") == "image+caption"
+    caption_only = {**prompts, "calibration": {"inputs": "caption-only"}}
+    assert calibration_inputs(caption_only, "lm-only") == "caption-only"
+    assert prompt_settings(caption_only, "lm-only") == {"text_instruction": "t"}
+    assert calibration_inputs(caption_only, "all-layers") == "image+caption"
+    assert prompt_settings(caption_only, "all-layers") == image_keys
 
 
 def test_demo_merged_into_the_real_config_is_refused():
@@ -330,15 +338,20 @@ def test_new_target_for_one_format_reruns_only_that_formats_cells(tmp_path):
     assert len(cells) == 12 and all("format=wint8_aint8" in wc for wc in cells), cells
     assert not any("format=wfp8_afp8" in wc for _, wc in jobs), [j for j in jobs if "wfp8_afp8" in j[1]]
     assert "params have changed since last execution:\n        autoquant\n" in log
-    # A new image instruction re-encodes the image+caption samples only; caption-only cells stay.
+    # Both scopes see image+caption samples by default: the caption-only instruction re-encodes nothing,
+    # and switching lm-only to caption-only inputs re-encodes (and reruns) lm-only cells alone.
     edited = yaml.safe_load((workdir / "config" / "demo.yaml").read_text())
-    edited["prompts"]["image_instruction"] = "What is in the picture?"
+    edited["prompts"]["text_instruction"] = "Caption this."
     (workdir / "prompt.yaml").write_text(yaml.safe_dump(edited))
     prompt = _snakemake(workdir, "--configfile", "prompt.yaml", "--replace-workflow-config", "-n")
-    prompt_jobs = _planned_jobs(prompt.stdout + prompt.stderr)
-    encoded = [wc for rule, wc in prompt_jobs if rule in ("prepare_samples", "prepare_eval_samples")]
-    assert len(encoded) == 8 and all("scope=all-layers" in wc for wc in encoded), encoded
-    assert not any("scope=lm-only" in wc for _, wc in prompt_jobs)
+    assert "Nothing to be done" in prompt.stdout + prompt.stderr, _planned_jobs(prompt.stdout + prompt.stderr)
+    edited["calibration"] = {"inputs": "caption-only"}
+    (workdir / "inputs.yaml").write_text(yaml.safe_dump(edited))
+    inputs = _snakemake(workdir, "--configfile", "inputs.yaml", "--replace-workflow-config", "-n")
+    input_jobs = _planned_jobs(inputs.stdout + inputs.stderr)
+    encoded = [wc for rule, wc in input_jobs if rule in ("prepare_samples", "prepare_eval_samples")]
+    assert len(encoded) == 8 and all("scope=lm-only" in wc for wc in encoded), encoded
+    assert not any("scope=all-layers" in wc for _, wc in input_jobs)
     # The GPU jobs learn their attempt (vlmsens.logs.run_job), so a retry can refuse a non-OOM failure.
     bodies = re.findall(r"^rule (?:autoquant|validate):\n((?:    .*\n)*)", log, flags=re.MULTILINE)
     assert bodies and all(re.search(r"resources: .*\battempt=1\b", body) for body in bodies)

@@ -110,20 +110,27 @@ def _schema():
 
 def test_schema_enums_equal_the_registries():
     from vlmsens.autoquant import METHODS
-    from vlmsens.scopes import SCOPES
+    from vlmsens.scopes import INPUTS, SCOPES
 
     props = _schema()["properties"]
     assert props["models"]["additionalProperties"]["properties"]["family"]["enum"] == list(FAMILIES)
     assert props["grid"]["properties"]["scopes"]["items"]["enum"] == list(SCOPES)
     assert props["autoquant"]["properties"]["method"]["enum"] == list(METHODS)
+    assert props["calibration"]["properties"]["inputs"]["enum"] == list(INPUTS)
 
 
 def test_scopes_say_what_is_searched_and_what_the_samples_hold():
-    from vlmsens.scopes import get_scope
+    from vlmsens.scopes import get_scope, sample_inputs
 
     lm, everything = get_scope("lm-only"), get_scope("all-layers")
-    assert (lm.searches_vision, lm.with_image, lm.modality) == (False, False, "caption only")
-    assert (everything.searches_vision, everything.with_image, everything.modality) == (True, True, "image+caption")
+    assert (lm.searches_vision, lm.needs_images) == (False, False)
+    assert (everything.searches_vision, everything.needs_images) == (True, True)
+    # calibration.inputs decides what lm-only samples hold; all-layers always sees images
+    assert sample_inputs("lm-only", "image+caption") == "image+caption"
+    assert sample_inputs("lm-only", "caption-only") == "caption-only"
+    assert sample_inputs("all-layers", "caption-only") == "image+caption"
+    with pytest.raises(VlmsensError, match="calibration.inputs"):
+        sample_inputs("lm-only", "captions")
     with pytest.raises(VlmsensError, match="unknown scope 'vision-only'"):
         get_scope("vision-only")
 

@@ -90,7 +90,7 @@ def _layers(rows):
         kept = rest[0] if len(rest) > 0 else False
         cost = rest[1] if len(rest) > 1 else 1.0
         family = rest[2] if len(rest) > 2 else "fam"
-        records.append({"model": model, "format": fmt, "scope": scope, "size": size, "family": family, "layer": layer,
+        records.append({"model": model, "format": fmt, "scope": scope, "size": size, "family": family, "inputs": "image+caption", "layer": layer,
                         "tower": tower, "block": block, "sublayer": sublayer, "sensitivity": score, "sensitivity_raw": score,
                         "rank": 0, "selected_format": "bf16" if kept else fmt, "num_bits": 16.0 if kept else 8.0,
                         "uncompressed_cost": cost, "kept_bf16": kept})
@@ -452,7 +452,7 @@ def test_write_cell_recipes_without_state(tmp_path):
     for r in out[1:]:
         assert r["within_budget"] and r["achieved_bits"] <= r["budget_bits"] + 1e-9
         assert r["predicted_score"] == pytest.approx(rc.score_of(manifest, r["selection"]))
-        assert r["source"] == "manifest MILP"
+        assert r["source"] == "manifest (exact min-score MILP)"
     assert rc.budget_slug(9.0) == "eb9" and rc.budget_slug(8.25) == "eb8.25"
     payload = json.loads((tmp_path / "recipes.json").read_text())
     assert [r["budget_bits"] for r in payload["recipes"]] == budgets and "quant_cfg" not in payload["recipes"][0]

@@ -15,24 +15,32 @@ import json
 import math
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from conftest import FAMILIES, MAX_PIXELS, MIN_PIXELS
-from invariants import check_validation, is_established
+from invariants import check_validation, check_verdict_line, is_established
+from legacy_reader import read_legacy
 from planting import plant_mlp_outlier, plant_vision_attn_outlier
 
 from vlmsens.calib import build_eval_subset, build_subset
 from vlmsens.cell import prepare_samples, run_cell, validate_cell
 from vlmsens.errors import VlmsensError
 from vlmsens.models import load_processor
+from vlmsens.render import primary_format
 from vlmsens.validation import (
-    k_of,
+    Bootstrap,
+    bits_tolerance,
+    equal_weight_set,
     random_recipe_same_budget,
     rank_correlations,
     ranked_groups,
     ranking_format,
     ratio,
+    size_only_recipe,
     stratified_positions,
+    under_prediction,
     verdict,
+    without_per_sample,
 )
 
 PROMPTS = {
@@ -89,7 +97,7 @@ def _validated(checkpoint: Path, family: str, fmt: str, scope: str, dbs, coco, w
         samples[name] = workdir / f"{name}-{scope}.pt"
         if not samples[name].exists():
             prepare_samples(checkpoint=str(checkpoint), calib_db=str(dbs[name]), coco_root=str(coco), scope=scope,
-                            prompts=PROMPTS, out_path=str(samples[name]), progress=lambda _: None)
+                            inputs="image+caption", prompts=PROMPTS, out_path=str(samples[name]), progress=lambda _: None)
     cell = workdir / f"{fmt}-{scope}"
     cell.mkdir(exist_ok=True)
     common = dict(model_name=f"tiny_{family}", model_cfg={"family": family}, checkpoint=str(checkpoint), format_name=fmt,
@@ -121,19 +129,29 @@ def test_planted_ranking_predicts_damage(planted, dbs, demo_coco, tmp_path_facto
     # The planted answer: the verdict says the ranking predicts damage, without "not established".
     assert is_established(doc) and "not established" not in doc["verdict"], doc["verdict"]
     row = _row(doc, 0.10)
+    assert row["top"]["within_tolerance"] and row["bottom"]["within_tolerance"], (row["top"]["weight_fraction"], row["bottom"]["weight_fraction"])
+    assert all(d["within_tolerance"] for d in row["random"]["draws"])
     assert row["top"]["kl"] >= 5 * row["bottom"]["kl"], (row["top"]["kl"], row["bottom"]["kl"])
     assert row["top"]["kl"] > row["random"]["mean"]["kl"]
     rho = doc["ablations"]["correlation"]["kl"]["spearman"]
     assert rho["value"] > 0.5, rho
     lo, hi = rho["ci95"]
     assert lo <= rho["value"] <= hi
+    # the ranking beats size alone: the planted groups are not the largest
+    assert row["size_only"]["ratio_largest_smallest"]["kl"] is None or \
+        row["ratio_top_bottom"]["kl"] > row["size_only"]["ratio_largest_smallest"]["kl"]
+    lo, _ = row["ratio_top_bottom_ci95"]["kl"]
+    assert lo > 1, row["ratio_top_bottom_ci95"]
     e2e = doc["end_to_end"]
     assert e2e["recipe"]["bits"] <= e2e["budget_bits"] + 1e-6
     draws = e2e["random_same_budget"]["draws"]
-    assert all(draw["bits"] <= e2e["recipe"]["bits"] + 1e-6 for draw in draws)
+    # random recipes at the solver's bits, within the smallest group's share (no longer a prefix at or under it)
+    assert all(draw["within_tolerance"] for draw in draws)
+    assert all(abs(draw["bits"] - e2e["recipe"]["bits"]) <= e2e["bits_tolerance"] + 1e-9 for draw in draws)
     # a random recipe may by luck keep the planted groups in BF16 too; most do not
     assert len(draws) == 5 and e2e["random_same_budget"]["recipe_beats"] >= 4
     assert e2e["recipe"]["kl"] < e2e["random_same_budget"]["mean"]["kl"] / 10
+    assert e2e["random_same_budget"]["ratio_random_recipe_ci95"]["kl"][0] > 1
     assert e2e["recipe"]["kl"] < e2e["uniform"]["kl"]
 
 
@@ -141,10 +159,18 @@ def test_planted_vision_group_counts_only_in_all_layers(planted, dbs, demo_coco,
     family = "qwen2_5_vl"
     work = tmp_path_factory.getbasetemp() / f"validate_planted_{family}"
     _, full = _validated(planted[family], family, "wint8_aint8", "all-layers", dbs, demo_coco, work)
-    _, text = _validated(planted[family], family, "wint8_aint8", "lm-only", dbs, demo_coco, work)
+    text_manifest, text = _validated(planted[family], family, "wint8_aint8", "lm-only", dbs, demo_coco, work)
     assert any(g.startswith(FRAGILE[1]) for g in _row(full, 0.10)["top"]["groups"])
     towers = {r["tower"] for r in text["ablations"]["rows"]}
     assert "vision" not in towers and "vision" in {r["tower"] for r in full["ablations"]["rows"]}
+    # lm-only differs from all-layers in what is quantized, not in what the model sees: its batches
+    # hold the images, its text groups score nonzero, and the vision tower stays out of the search.
+    assert text_manifest["config"]["inputs"] == text["dataset"]["inputs"] == "image+caption"
+    assert text_manifest["batches"]["image_patches_per_sample_max"] > 0 and text["eval"]["image_patches_per_sample_max"] > 0
+    assert all(g["scores_raw"]["wint8_aint8"] > 0 for g in text_manifest["groups"])
+    assert not any(g["tower"] == "vision" for g in text_manifest["groups"])
+    excluded = {g["tower"] for g in text_manifest["excluded_groups"]}
+    assert excluded == {"vision"}, excluded
 
 
 def test_validation_files_schema_and_provenance(planted, dbs, demo_coco, tmp_path_factory):
@@ -154,10 +180,11 @@ def test_validation_files_schema_and_provenance(planted, dbs, demo_coco, tmp_pat
     on_disk = json.loads((Path(doc["_dir"]) / "validation.json").read_text())
     check_validation(on_disk, manifest)
     assert list(on_disk) == ["schema_version", "cell", "ranking_format", "n_groups", "damage_measure", "settings", "eval",
-                             "verdict_k", "top_k", "ablations", "end_to_end", "device", "dtype", "timings_s",
+                             "intervals", "verdict_k", "top_k", "ablations", "end_to_end", "device", "dtype", "timings_s",
                              "peak_memory", "verdict", "dataset", "provenance"]
     assert "(k = 10%" in on_disk["verdict"]
-    assert [r["k"] for r in on_disk["top_k"]] == [k_of(f, on_disk["n_groups"]) for f in (0.05, 0.10, 0.25)]
+    assert [r["fraction"] for r in on_disk["top_k"]] == [0.05, 0.10, 0.25]
+    assert on_disk["intervals"]["resamples"] == 400 and "held-out samples" in on_disk["intervals"]["covers"]
     assert all(len(r["random"]["draws"]) == 5 for r in on_disk["top_k"])
     assert on_disk["ablations"]["correlation"]["kl"]["n"] == min(24, on_disk["n_groups"])
     assert on_disk["eval"]["samples"] == 12 and on_disk["eval"]["loss_tokens"] > 0
@@ -185,8 +212,10 @@ def test_validation_is_deterministic(tiny_checkpoints, dbs, demo_coco, tmp_path_
                           manifest_path=str(cell / "quant_manifest.json"), samples_path=str(work / "calib-all-layers.pt"),
                           eval_samples_path=str(work / "eval-all-layers.pt"),
                           outputs={"json": str(tmp_path / "v.json"), "markdown": str(tmp_path / "v.md")}, progress=lambda _: None)
-    for key in ("top_k", "ablations", "end_to_end", "verdict"):
-        assert again[key] == json.loads((cell / "validation.json").read_text())[key], key
+    first_on_disk = json.loads((cell / "validation.json").read_text())
+    for key in ("top_k", "ablations", "end_to_end", "verdict", "intervals"):
+        # compared as JSON text: an undefined interval is NaN, which equals nothing, not even itself
+        assert json.dumps(again[key], sort_keys=True) == json.dumps(first_on_disk[key], sort_keys=True), key
 
 
 def test_held_out_samples_must_not_overlap_calibration(planted, dbs, demo_coco, tmp_path_factory, tmp_path):
@@ -205,13 +234,13 @@ def test_held_out_samples_must_not_overlap_calibration(planted, dbs, demo_coco, 
 
 
 def test_validation_of_a_candidate_set_cell(tiny_checkpoints, dbs, demo_coco, tmp_path_factory):
-    """Groups ranked by the set's fewest-bits member (ties by name), the recipe mixing formats as selected."""
+    """Groups ranked by the set's fewest-bits member (ties: the first listed), the recipe mixing formats as selected."""
     family = "qwen2_5_vl"
     manifest, doc = _validated(tiny_checkpoints[family], family, "fp8_or_int8", "all-layers", dbs, demo_coco,
                                tmp_path_factory.getbasetemp() / f"validate_candidates_{family}",
                                formats_cfg=CANDIDATE_SET, validation_cfg=QUICK_VALIDATION)
     assert manifest["cell"]["candidates"] == ["wfp8_afp8", "wint8_aint8"]
-    assert doc["ranking_format"] == "wfp8_afp8"  # both 8 bits: the first by name
+    assert doc["ranking_format"] == "wfp8_afp8"  # both 8 bits: the first listed (formats.ranking_format)
     check_validation(doc, manifest)
     for row in doc["ablations"]["rows"]:
         assert row["predicted_score"] != next(g for g in manifest["groups"] if g["layer"] == row["layer"])["scores_raw"]["wint8_aint8"]
@@ -234,10 +263,13 @@ def test_evaluator_measures_kl_from_bf16_to_quantized(monkeypatch):
 
     model = Model()
     monkeypatch.setattr(validation, "caption_logits", lambda m, batch: (m.logits.clone(), targets))
-    evaluator = Evaluator(model, [{}])
+    # two samples: the first predicts two caption tokens, the second one (labels are shifted by one)
+    labels = torch.tensor([[-100, 0, 2, -100], [-100, 1, -100, -100]])
+    evaluator = Evaluator(model, [{"labels": labels}])
     bf16_loss = evaluator.set_reference()
+    assert evaluator.tokens == [2, 1]
     assert bf16_loss == pytest.approx(float(torch.nn.functional.cross_entropy(Model.logits, targets)))
-    assert evaluator.measure() == {"loss": bf16_loss, "loss_increase": 0.0, "kl": 0.0}
+    assert without_per_sample(evaluator.measure()) == {"loss": bf16_loss, "loss_increase": 0.0, "kl": 0.0}
 
     model.logits = torch.tensor([[0.0, 1.0, 1.0], [3.0, -1.0, 0.0], [-1.0, 2.0, 0.0]])
     p, q = torch.softmax(Model.logits, -1), torch.softmax(model.logits, -1)
@@ -246,9 +278,11 @@ def test_evaluator_measures_kl_from_bf16_to_quantized(monkeypatch):
     assert abs(forward - reverse) > 0.1  # the two directions are told apart
     measured = evaluator.measure()
     assert measured["kl"] == pytest.approx(forward, rel=1e-5)
+    per_position = (p * (p.log() - q.log())).sum(-1)
+    assert measured["per_sample"]["kl"] == pytest.approx([float(per_position[:2].sum()), float(per_position[2])], rel=1e-5)
     loss = float(torch.nn.functional.cross_entropy(model.logits, targets))
     assert measured["loss"] == pytest.approx(loss, rel=1e-6)
-    assert measured["loss_increase"] == pytest.approx(loss - bf16_loss, rel=1e-6)
+    assert measured["loss_increase"] == pytest.approx(loss - bf16_loss, rel=1e-5)
 
 
 def test_all_bf16_selection_does_no_damage_on_the_search_model(tiny_checkpoints, dbs, demo_coco, tmp_path):
@@ -265,7 +299,7 @@ def test_all_bf16_selection_does_no_damage_on_the_search_model(tiny_checkpoints,
     for name in ("calib", "eval"):
         paths[name] = tmp_path / f"{name}.pt"
         prepare_samples(checkpoint=str(checkpoint), calib_db=str(dbs[name]), coco_root=str(demo_coco), scope="lm-only",
-                        prompts=PROMPTS, out_path=str(paths[name]), progress=lambda _: None)
+                        inputs="caption-only", prompts=PROMPTS, out_path=str(paths[name]), progress=lambda _: None)
     spec = CellSpec(model="tiny", family=get_family(family), checkpoint=str(checkpoint), format_name="wint8_aint8",
                     formats=resolve_format("wint8_aint8", format_registry({})), scope="lm-only", size="small",
                     effective_bits=8.5, batch_size=4, device="cpu")
@@ -281,7 +315,9 @@ def test_all_bf16_selection_does_no_damage_on_the_search_model(tiny_checkpoints,
     quantized = evaluator.measure()
     assert quantized["kl"] > 0 and quantized["loss"] != bf16_loss
     switch.apply({})
-    assert evaluator.measure() == {"loss": bf16_loss, "loss_increase": 0.0, "kl": 0.0}
+    again = evaluator.measure()
+    assert without_per_sample(again) == {"loss": bf16_loss, "loss_increase": 0.0, "kl": 0.0}
+    assert set(again["per_sample"]["kl"]) == {0.0} and len(again["per_sample"]["kl"]) == len(evaluator.tokens)
 
 
 def test_ratio_is_undefined_without_a_positive_denominator():
@@ -308,27 +344,93 @@ def test_ranking_and_sampling_helpers():
     assert [g["layer"] for g in ranked_groups(manifest, "wint8_aint8")] == ["l1", "l2", "l3", "l0"]
     both = {"cell": {"candidates": ["wfp8_afp8", "wint4_afp16"]}, "formats": {"wfp8_afp8": {"bits": 8.0}, "wint4_afp16": {"bits": 4.0}}}
     assert ranking_format(both) == "wint4_afp16"
-    assert [k_of(f, 40) for f in (0.05, 0.10, 0.25)] == [2, 4, 10]
-    assert k_of(0.05, 6) == 1
+    # one definition for the report and the validation: equal bits go to the first listed candidate
+    tied = {"cell": {"candidates": ["wint8_aint8", "wfp8_afp8"]}, "formats": {"wfp8_afp8": {"bits": 8.0}, "wint8_aint8": {"bits": 8.0}}}
+    assert ranking_format(tied) == primary_format(tied) == "wint8_aint8"
     assert stratified_positions(5, 24) == [0, 1, 2, 3, 4]
     positions = stratified_positions(100, 24)
     assert positions[0] == 0 and positions[-1] == 99 and len(positions) == 24
 
 
-def test_random_recipes_meet_the_budget_without_slack():
+def test_random_and_size_only_recipes_reach_the_solvers_bits_within_the_smallest_groups_share():
     import numpy as np
 
     from vlmsens.recipes import bits_of
 
     manifest = _manifest([1.0] * 10, costs=[1, 2, 3, 4, 5, 1, 2, 3, 4, 5])
+    tolerance = bits_tolerance(manifest, "wint8_aint8")
+    assert tolerance == pytest.approx(16 * 0.5 / 30)  # the smallest group saves half of its cost 1 of 30
     rng = np.random.default_rng(0)
-    for _ in range(20):
-        selection = random_recipe_same_budget(manifest, "wint8_aint8", 12.0, rng)
-        bits = bits_of(manifest, selection)
-        assert bits <= 12.0
-        # one group fewer would miss the budget: no random recipe is needlessly aggressive
-        quantized = [g for g in manifest["groups"] if selection[g["layer"]] != "bf16"]
-        assert any(bits_of(manifest, {**selection, g["layer"]: "bf16"}) > 12.0 for g in quantized)
+    for target in (8.5, 10.0, 12.0, 13.7):
+        for _ in range(20):
+            bits = bits_of(manifest, random_recipe_same_budget(manifest, "wint8_aint8", target, rng))
+            assert abs(bits - target) <= tolerance + 1e-9, (target, bits)
+        size = size_only_recipe(manifest, "wint8_aint8", target)
+        assert abs(bits_of(manifest, size) - target) <= tolerance + 1e-9
+        if target >= 10:  # the size-only recipe keeps the largest groups in BF16, quantizes the smallest
+            assert "bf16" in (size["l4"], size["l9"]) and size["l0"] == size["l5"] == "wint8_aint8", size
+
+
+def test_equal_weight_sets_quantize_the_same_weight_whatever_the_order():
+    # scores grow with size, as gradient scores do: by count, the top set would weigh far more than the bottom one
+    costs = [10, 8, 6, 4, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+    manifest = _manifest([float(c) for c in costs], costs=costs)
+    ranked = ranked_groups(manifest, "wint8_aint8")
+
+    def weight(chosen):
+        return sum(costs[int(layer[1:])] for layer in chosen) / sum(costs)
+
+    # 25 % (10 of 40): the largest, most sensitive group alone against ten small ones
+    assert equal_weight_set(manifest, ranked, 0.25) == ["l0"]
+    bottom = equal_weight_set(manifest, ranked[::-1], 0.25)
+    assert len(bottom) == 10 and weight(bottom) == 0.25
+    # 45 %: the top set reaches it; the bottom set is drawn from the least sensitive half of the weight only
+    # (16 of 40), so it never reaches into the top of the ranking, and falls short
+    top = equal_weight_set(manifest, ranked, 0.45)
+    assert top == ["l0", "l1"] and weight(top) == 0.45
+    assert weight(equal_weight_set(manifest, ranked[::-1], 0.45)) == 0.4
+    # 5 %: no group of the sensitive half is that light: an empty set, which no ratio uses
+    assert equal_weight_set(manifest, ranked, 0.05) == []
+    for fraction in (0.05, 0.25, 0.45):
+        assert not set(equal_weight_set(manifest, ranked, fraction)) & set(equal_weight_set(manifest, ranked[::-1], fraction))
+
+
+def test_bootstrap_intervals_cover_the_sample_spread():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    tokens = [10] * 40
+    boot = Bootstrap(tokens, 500, 0)
+    # per-token values: a set with ratio exactly 2 on every sample has a degenerate interval at 2
+    base = rng.uniform(0.5, 1.5, size=40) * 10
+    assert boot.ratio(2 * base, [base]) == pytest.approx([2.0, 2.0])
+    # noisy samples widen it around the point estimate
+    noisy = 2 * base * rng.uniform(0.2, 1.8, size=40)
+    lo, hi = boot.ratio(noisy, [base])
+    point = noisy.sum() / base.sum()
+    assert lo < point < hi and hi - lo > 0.2
+    # values: resampled sums over resampled tokens, one column per configuration
+    values = boot.values([base, 2 * base])
+    assert values.shape == (500, 2) and np.allclose(values[:, 1], 2 * values[:, 0])
+    assert all(math.isnan(v) for v in Bootstrap(tokens, 0, 0).ratio(noisy, [base]))  # 0 resamples: no interval
+
+
+def test_under_prediction_names_the_tower_above_the_trend():
+    """Vision groups doing 10× the damage their score predicts, relative to the text groups."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    predicted = list(np.geomspace(1e-6, 1e-3, 12))
+    towers = ["text", "vision"] * 6
+    tokens = [5] * 20
+    per_sample = []
+    for score, tower in zip(predicted, towers, strict=True):
+        damage = score * (10 if tower == "vision" else 1)
+        per_sample.append(list(damage * 5 * rng.uniform(0.8, 1.2, size=20)))
+    out = under_prediction(predicted, per_sample, tokens, towers, 300, 0)
+    assert out["vision"]["factor"] == pytest.approx(10, rel=0.2)
+    assert out["vision"]["ci95"][0] > 1 and out["text"]["ci95"][1] < 1
+    assert out["text"]["factor"] == pytest.approx(1 / out["vision"]["factor"])
 
 
 def test_rank_correlations_known_answers():
@@ -342,16 +444,91 @@ def test_rank_correlations_known_answers():
     assert math.isnan(rank_correlations([1, 2], [1, 2], 100, 0)["spearman"]["value"])
 
 
-def test_verdict_line_names_rho_ratio_and_k():
-    doc = {"n_groups": 40, "verdict_k": 0.1,
-           "ablations": {"correlation": {"kl": {"spearman": {"value": 0.8234, "ci95": [0.61, 0.93]}}}},
-           "top_k": [{"fraction": 0.1, "k": 4, "ratio_top_bottom": {"kl": 12.34}}]}
-    assert verdict(doc) == ("ranking predicts damage: ρ = 0.82 [0.61, 0.93], top-k/bottom-k damage ratio = 12.3× "
-                            "(k = 10%, 4 of 40 groups)")
+def _verdict_doc() -> dict:
+    return {"n_groups": 40, "verdict_k": 0.1, "settings": {"bootstrap_resamples": 1000}, "eval": {"samples": 100},
+            "ablations": {"correlation": {"kl": {"spearman": {"value": 0.8234, "ci95": [0.61, 0.93]}}},
+                          "size_only": {"kl": {"spearman": {"value": 0.4, "ci95": [0.05, 0.7]}}},
+                          "towers": {"text": {"under_prediction": {"factor": 0.2, "ci95": [0.1, 0.4]}},
+                                     "vision": {"under_prediction": {"factor": 5.0, "ci95": [2.5, 9.0]}}}},
+            "top_k": [{"fraction": 0.1, "k": 4, "top": {"k": 4}, "bottom": {"k": 9}, "ratio_top_bottom": {"kl": 12.34},
+                       "ratio_top_bottom_ci95": {"kl": [8.1, 19.02]}}]}
+
+
+def test_verdict_line_names_rho_ratio_k_size_towers_and_what_the_intervals_cover():
+    doc = _verdict_doc()
+    line = verdict(doc)
+    assert line == ("ranking predicts damage: ρ = 0.82 [0.61, 0.93], top-k/bottom-k damage ratio = 12.3× [8.1, 19] "
+                    "(k = 10% of the weight, 4 and 9 of 40 groups); size alone: ρ = 0.40 [0.05, 0.70]; the score "
+                    "under-predicts the vision tower's damage (5× the damage per unit of score of the other towers [2.5, 9]). "
+                    "Intervals: 95% percentile bootstrap over the 100 held-out samples (ρ: and over the ablated groups "
+                    "within each tower)")
+    assert check_verdict_line(line)["towers"]
     doc["top_k"][0]["ratio_top_bottom"]["kl"] = None
     assert "undefined (bottom-k damage is 0)" in verdict(doc)
+    check_verdict_line(verdict(doc))
     doc["ablations"]["correlation"]["kl"]["spearman"] = {"value": 0.21, "ci95": [-0.2, 0.55]}
-    assert verdict(doc).endswith("; not established: the ρ interval does not exclude 0")
+    assert "; not established: the ρ interval does not exclude 0" in verdict(doc)
+    check_verdict_line(verdict(doc))
+    # a tower whose factor's interval reaches 1 is not named
+    doc["ablations"]["towers"]["vision"]["under_prediction"]["ci95"] = [0.9, 9.0]
+    assert "under-predicts" not in verdict(doc)
+
+
+def test_per_layer_json_reads_like_the_older_files(planted, dbs, demo_coco, tmp_path_factory):
+    """One reader of the earlier per-layer format opens its own file and ours (lm-only and all-layers)."""
+    legacy = read_legacy(json.loads((Path(__file__).parent / "data" / "legacy-sensitivity" / "per-layer-sensitivity.json").read_text()))
+    assert legacy["scheme"]["coverage_mode"] == "lm_only" and legacy["unsearched"]
+    family = "qwen2_5_vl"
+    work = tmp_path_factory.getbasetemp() / f"validate_planted_{family}"
+    for scope in ("lm-only", "all-layers"):
+        manifest, doc = _validated(planted[family], family, "wint8_aint8", scope, dbs, demo_coco, work)
+        payload = json.loads((Path(doc["_dir"]) / "s.json").read_text())
+        ours = read_legacy(payload)
+        assert ours["scheme"]["quant_formats"] == ["INT8_DEFAULT_CFG"] and ours["model_id"] == str(planted[family])
+        assert payload["dataset"]["batch_size"] == 4 and payload["dataset"]["num_calib_samples"] == 16
+        assert payload["autoquant_state"]["keys"] and "candidate_stats" in payload["autoquant_state"]["keys"]
+        assert set(payload["scheme"]["field_notes"]) >= {"num_bits", "sensitivity"}
+        searched = [r for r in ours["rows"] if r["searched"]]
+        assert [r["layer"] for r in searched] == [r["layer"] for r in payload["layer_sensitivity"][:len(searched)]]
+        assert len(searched) == len(manifest["groups"])
+        if scope == "lm-only":
+            # the vision tower: rows kept at 16 bits, sensitivity 0, outside the search, sized by their weight
+            assert payload["scheme"]["coverage_mode"] == "lm_only" and 0 < payload["scheme"]["coverage_fraction"] < 1
+            assert sorted(ours["unsearched"]) == sorted(g["layer"] for g in manifest["excluded_groups"])
+            unsearched = [r for r in payload["layer_sensitivity"] if not r["searched"]]
+            assert unsearched and all(r["tower"] == "vision" and r["size_cost"] > 0 for r in unsearched)
+        else:
+            assert payload["scheme"]["coverage_mode"] == "full" and payload["scheme"]["coverage_fraction"] == 1.0
+            assert not ours["unsearched"]
+
+
+def test_validation_report_shows_intervals_sizes_bits_and_towers(planted, dbs, demo_coco, tmp_path_factory, tmp_path):
+    """The summary and the plot of validated cells, from their validation.json files alone."""
+    from vlmsens.reports import validation_plot, validation_report
+    from vlmsens.reports.registry import Job
+
+    family = "qwen2_5_vl"
+    work = tmp_path_factory.getbasetemp() / f"validate_planted_{family}"
+    paths = [str(Path(_validated(planted[family], family, "wint8_aint8", scope, dbs, demo_coco, work)[1]["_dir"]) / "validation.json")
+             for scope in ("lm-only", "all-layers")]
+    outputs = {k: str(tmp_path / name) for k, name in (("md", "v.md"), ("html", "v.html"), ("csv", "v.csv"),
+                                                        ("towers_csv", "t.csv"))}
+    job = Job(inputs=paths, outputs=outputs, params={"size_order": ["small"], "format_order": ["wint8_aint8"]})
+    validation_report.write(job)
+    md = (tmp_path / "v.md").read_text()
+    for heading in ("## Verdict per cell", "## Figures", "## End to end at equal bits", "## Per tower"):
+        assert heading in md, heading
+    assert "percentile bootstrap over the 12 held-out samples" in md
+    frame = pd.read_csv(tmp_path / "v.csv")
+    assert list(frame["scope"]) == ["all-layers", "lm-only"] and set(frame["inputs"]) == {"image+caption"}
+    assert (frame["ratio_top_bottom_lo"] <= frame["ratio_top_bottom"]).all() and frame["spearman_size_only"].notna().all()
+    assert frame["random_recipes_bits"].str.count(",").eq(4).all()
+    towers = pd.read_csv(tmp_path / "t.csv")
+    assert set(towers[towers["scope"] == "all-layers"]["tower"]) >= {"vision", "text"}
+    assert "vision" not in set(towers[towers["scope"] == "lm-only"]["tower"])
+    validation_plot.write(Job(inputs=paths, outputs={"png": str(tmp_path / "v.png")}, wildcards={"model": f"tiny_{family}"},
+                              params={"size_order": ["small"], "format_order": ["wint8_aint8"]}))
+    assert (tmp_path / "v.png").stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
@@ -362,14 +539,14 @@ def test_reused_vision_features_measure_what_a_full_forward_does(family, tiny_ch
     from vlmsens.batches import load_samples
     from vlmsens.families import get_family, tower_of
     from vlmsens.formats import format_registry, resolve_format
-    from vlmsens.validation import Evaluator, RecipeSwitch
+    from vlmsens.validation import Evaluator, RecipeSwitch, without_per_sample
 
     checkpoint = tiny_checkpoints[family]
     paths = {}
     for name in ("calib", "eval"):
         paths[name] = tmp_path / f"{name}.pt"
         prepare_samples(checkpoint=str(checkpoint), calib_db=str(dbs[name]), coco_root=str(demo_coco), scope="all-layers",
-                        prompts=PROMPTS, out_path=str(paths[name]), progress=lambda _: None)
+                        inputs="image+caption", prompts=PROMPTS, out_path=str(paths[name]), progress=lambda _: None)
     spec = CellSpec(model="tiny", family=get_family(family), checkpoint=str(checkpoint), format_name="wint8_aint8",
                     formats=resolve_format("wint8_aint8", format_registry({})), scope="all-layers", size="small",
                     effective_bits=8.5, batch_size=4, device="cpu")
@@ -393,7 +570,8 @@ def test_reused_vision_features_measure_what_a_full_forward_does(family, tiny_ch
     evaluator.vision_bf16 = False
     recomputed = evaluator.measure()
     assert reused["kl"] > 0
-    assert reused == pytest.approx(recomputed, rel=1e-5, abs=1e-9)
+    assert without_per_sample(reused) == pytest.approx(without_per_sample(recomputed), rel=1e-5, abs=1e-9)
+    assert reused["per_sample"]["kl"] == pytest.approx(recomputed["per_sample"]["kl"], rel=1e-5, abs=1e-9)
 
     switch.apply(dict.fromkeys(vision, "wint8_aint8"))
     with_vision = evaluator.measure()

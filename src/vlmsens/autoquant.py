@@ -193,7 +193,7 @@ def load_cell_model(spec: CellSpec, samples: list[dict], clock: PhaseClock):
     plan["resident_gib"] = round(_resident_bytes(model, device) / 2**30, 3)
     plan["largest_batch"] = largest_batch_shape(samples, plan["batch_size"])
     batches = device_batches(model, samples, plan["batch_size"], device, dtype)
-    if get_scope(spec.scope).with_image and "pixel_values" not in batches[0]:
+    if get_scope(spec.scope).needs_images and "pixel_values" not in batches[0]:
         raise VlmsensError(f"scope {spec.scope} needs image+caption samples, but the prepared samples are text-only")
     return model, batches, device, dtype, plan
 
@@ -372,7 +372,11 @@ def run_autoquant(
         modules = list(stat["module_names"])
         searched = [r for r in stat["formats"] if r != no_quant]
         if not searched:
-            excluded.append({"layer": layer, "modules": modules, "tower": tower_of(layer, spec.family.vision_patterns)})
+            # outside the search and the budget; its BF16 weight cost (cost weight 1) sizes it in the JSON
+            excluded.append({"layer": layer, "modules": modules, "tower": tower_of(layer, spec.family.vision_patterns),
+                             "block": block_index(modules[0]),
+                             "sublayer": sublayer_of(layer, modules, spec.family.sublayer_rules),
+                             "weight_cost": float(hparam.get_cost(no_quant, cost_weight=1.0))})
             continue
         raw = {_name_of(r, mapping): float(hparam.get_score(r)) for r in searched}
         per_token = {k: v / max(stats["loss_tokens"], 1) for k, v in raw.items()}
@@ -416,6 +420,7 @@ def run_autoquant(
             "effective_bits_achieved": float(best["constraints"].get("effective_bits", math.nan)),
             "score": float(best["score"]),
             "is_satisfied": bool(best["is_satisfied"]),
+            "state_keys": sorted(str(k) for k in search_state),
         },
         "groups": groups,
         "excluded_groups": excluded,

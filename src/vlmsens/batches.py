@@ -1,7 +1,7 @@
 """Calibration samples as model inputs: chat-formatted, caption-only labels, dynamic padding.
 
 One image+caption sample is a user turn (the image plus a short instruction) and an assistant
-turn (the caption). Text-only samples (scope ``lm-only``) keep the same turns without the image.
+turn (the caption). Caption-only samples (``calibration.inputs: caption-only``) keep the same turns without the image.
 Labels are -100 everywhere except on the caption's own tokens, so the loss, and the gradient
 that AutoQuantize scores with, comes from the caption alone.
 

@@ -26,7 +26,7 @@ from .recipes import load_search_state, make_recipe
 from .render import sensitivity_json, sensitivity_markdown
 from .reports.export import export_doc
 from .reports.validate import validation_doc
-from .scopes import get_scope
+from .scopes import IMAGE_AND_CAPTION, sample_inputs
 from .validation import run_validation
 
 log = logging.getLogger(__name__)
@@ -38,30 +38,36 @@ def prepare_samples(
     calib_db: str,
     coco_root: str | None,
     scope: str,
+    inputs: str,
     prompts: dict[str, Any],
     out_path: str,
     progress: Callable[[str], None] = log.info,
 ) -> dict[str, Any]:
-    """Encode a calibration subset for one (model, scope): shared by every format's cell."""
+    """Encode a calibration subset for one (model, scope): shared by every format's cell.
+
+    ``inputs`` is what the samples hold (``calibration.inputs`` as the scope reads it:
+    vlmsens.config.calibration_inputs); ``prompts`` holds the prompt keys of those inputs only.
+    """
     samples, db_meta = read_calib_db(calib_db)
     if not samples:
         raise VlmsensError(f"calibration DB {calib_db} holds no samples")
-    with_image = get_scope(scope).with_image
+    if sample_inputs(scope, inputs) != inputs:
+        raise VlmsensError(f"scope {scope} searches the vision tower and needs image+caption samples, not {inputs}")
+    with_image = inputs == IMAGE_AND_CAPTION
     if with_image and not coco_root:
-        raise VlmsensError(f"scope {scope} needs coco.root to read the images")
-    # ``prompts`` holds the keys of this scope only (vlmsens.config.prompt_settings).
+        raise VlmsensError(f"{inputs} samples of scope {scope} need coco.root to read the images")
     settings = PromptSettings(
         image_instruction=prompts.get("image_instruction", ""),
         text_instruction=prompts.get("text_instruction", ""),
         min_pixels=int(prompts.get("min_pixels", 0)),
         max_pixels=int(prompts.get("max_pixels", 0)),
     )
-    progress(f"preprocess: {len(samples)} samples, {get_scope(scope).modality}")
+    progress(f"preprocess: {len(samples)} samples, {inputs}")
     processor = load_processor(checkpoint)
     encoded = encode_samples(processor, samples, Path(coco_root) if coco_root else None, with_image, settings, progress)
     meta = {
         "scope": scope,
-        "modality": get_scope(scope).modality,
+        "inputs": inputs,
         "num_samples": len(encoded),
         "calib_db": str(calib_db),
         "calib_meta": db_meta,
@@ -107,10 +113,9 @@ def run_cell(
                      batch_size=batch_size, batch_halvings=batch_halvings, seed=seed)
     formats = spec.formats
     samples, samples_meta = load_samples(samples_path)
-    if samples_meta.get("scope") != scope:
-        raise VlmsensError(f"{samples_path} was prepared for scope {samples_meta.get('scope')!r}, not {scope!r}")
+    inputs = _samples_inputs(samples_path, samples_meta, scope)
     _, db_meta = read_calib_db(calib_db)
-    progress(f"cell {model_name}/{format_name}/{scope}/{size}: {len(samples)} samples, batch size {batch_size or 'auto'}")
+    progress(f"cell {model_name}/{format_name}/{scope}/{size}: {len(samples)} {inputs} samples, batch size {batch_size or 'auto'}")
 
     with atomic_path(outputs["state"]) as state_tmp:
         result = run_autoquant(spec, samples, progress=progress, state_path=str(state_tmp))
@@ -131,6 +136,7 @@ def run_cell(
                 "batch_size": batch_size or "auto",
                 "batch_size_used": result["batch_plan"]["batch_size"],
                 "seed": seed,
+                "inputs": inputs,
                 "prompts": samples_meta.get("prompts"),
                 "autoquant": autoquant_cfg,
             },
@@ -214,9 +220,13 @@ def validate_cell(
             f"{[f.name for f in spec.formats]}: rerun the cell")
     calib, calib_meta = load_samples(samples_path)
     held_out, eval_meta = load_samples(eval_samples_path)
-    for path, meta in ((samples_path, calib_meta), (eval_samples_path, eval_meta)):
-        if meta.get("scope") != spec.scope:
-            raise VlmsensError(f"{path} was prepared for scope {meta.get('scope')!r}, not {spec.scope!r}")
+    inputs = _samples_inputs(samples_path, calib_meta, spec.scope)
+    if _samples_inputs(eval_samples_path, eval_meta, spec.scope) != inputs:
+        raise VlmsensError(f"{eval_samples_path} holds {eval_meta['inputs']} samples, the calibration samples {inputs}: "
+                           "validate on what the cell was calibrated with (rerun prepare_eval_samples)")
+    if manifest["config"].get("inputs", inputs) != inputs:
+        raise VlmsensError(f"{manifest_path} was calibrated on {manifest['config']['inputs']} samples, {samples_path} "
+                           f"holds {inputs}: rerun the cell")
     overlap = set(calib_meta.get("images", [])) & set(eval_meta.get("images", []))
     if overlap:
         raise VlmsensError(f"{eval_samples_path} shares {len(overlap)} image(s) with the calibration samples; "
@@ -229,7 +239,7 @@ def validate_cell(
         "schema_version": 1,
         "cell": {k: manifest["cell"][k] for k in ("model", "family", "format", "candidates", "scope", "size")},
         **body,
-        "dataset": {"calibration": calib_meta.get("calib_meta"), "held_out": eval_meta.get("calib_meta"),
+        "dataset": {"inputs": inputs, "calibration": calib_meta.get("calib_meta"), "held_out": eval_meta.get("calib_meta"),
                     "calibration_samples": str(samples_path), "held_out_samples": str(eval_samples_path)},
     }
     doc["provenance"] = provenance.collect(
@@ -328,6 +338,16 @@ def export_cell(
                         outputs["checkpoint"], provenance=record, started=started, progress=progress)
     export_doc(doc, outputs["checkpoint"]).write(outputs["markdown"], outputs["html"])
     return doc
+
+
+def _samples_inputs(path: str, meta: dict[str, Any], scope: str) -> str:
+    """What a samples file holds, checked against the scope it is used for."""
+    if meta.get("scope") != scope:
+        raise VlmsensError(f"{path} was prepared for scope {meta.get('scope')!r}, not {scope!r}")
+    inputs = meta.get("inputs")
+    if inputs is None:
+        raise VlmsensError(f"{path} does not record its inputs (made by an older vlmsens): prepare the samples again")
+    return inputs
 
 
 def write_cell_reports(manifest: dict[str, Any], outputs: dict[str, str]) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 from .errors import VlmsensError
 from .formats import format_registry
 from .preflight import expand_paths, preflight
+from .scopes import CAPTION_ONLY, IMAGE_AND_CAPTION, sample_inputs
 
 REPLACE_HINT = (
     "a config file given with --configfile is merged into config/config.yaml unless "
@@ -375,13 +376,18 @@ def autoquant_settings(config: dict[str, Any], fmt: str) -> dict[str, Any]:
     return dict(sorted(section.items()))
 
 
-# The prompt settings each scope's samples are encoded with (vlmsens.batches.encode_samples).
-SCOPE_PROMPT_KEYS = {"lm-only": ("text_instruction",), "all-layers": ("image_instruction", "min_pixels", "max_pixels")}
+# The prompt settings samples with each kind of input are encoded with (vlmsens.batches.encode_samples).
+INPUT_PROMPT_KEYS = {IMAGE_AND_CAPTION: ("image_instruction", "min_pixels", "max_pixels"), CAPTION_ONLY: ("text_instruction",)}
+
+
+def calibration_inputs(config: dict[str, Any], scope: str) -> str:
+    """What the samples of ``scope`` hold (``calibration.inputs``; all-layers always sees images)."""
+    return sample_inputs(scope, _section(config.get("calibration"), "calibration")["inputs"])
 
 
 def prompt_settings(config: dict[str, Any], scope: str) -> dict[str, Any]:
-    """The ``prompts`` keys samples of ``scope`` depend on: caption-only samples use no image settings."""
-    return {key: config["prompts"][key] for key in SCOPE_PROMPT_KEYS[scope]}
+    """The ``prompts`` keys the samples of ``scope`` depend on: caption-only samples use no image settings."""
+    return {key: config["prompts"][key] for key in INPUT_PROMPT_KEYS[calibration_inputs(config, scope)]}
 
 
 def ship_this_settings(config: dict[str, Any]) -> dict[str, Any]:

@@ -260,6 +260,9 @@ def get_family(name: str) -> Family:
 _BLOCK_RE = re.compile(r"\.(?:layers|blocks|deepstack_merger_list)\.(\d+)(?:\.|$)")
 
 
+TOWERS = ("vision", "text", "head")  # what tower_of answers, in report order
+
+
 def tower_of(module_name: str, vision_patterns: tuple[str, ...] = VISION_PATTERNS) -> str:
     """'vision', 'head' or 'text' for a module path."""
     if any(fnmatch.fnmatch(module_name, p) for p in vision_patterns):

@@ -146,3 +146,14 @@ def format_bits(spec: FormatSpec) -> float:
     from modelopt.torch.quantization.algorithms import QuantRecipe
 
     return QuantRecipe(spec.modelopt_config, name=spec.name).compression * 16
+
+
+def ranking_format(manifest: dict[str, Any]) -> str:
+    """The format whose scores rank a cell's groups, everywhere (tables, plots, recipes' notes, validation).
+
+    A single format's own; for a candidate set the member with the fewest bits (the most aggressive
+    choice, whose damage a ranking must predict), ties broken by the order the set lists them in.
+    """
+    formats = manifest["formats"]
+    candidates = manifest["cell"]["candidates"]
+    return min(candidates, key=lambda name: (float(formats[name]["bits"]), candidates.index(name)))

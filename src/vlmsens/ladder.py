@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from .autoquant import NO_QUANT, CellSpec, PhaseClock, _device_info, _peak_memory, device_batches
+from .autoquant import NO_QUANT, CellSpec, PhaseClock, _device_info, _peak_memory, device_batches, inference_batch_size
 from .batches import batch_stats
 from .config import LadderSettings
 from .errors import VlmsensError
@@ -36,6 +36,7 @@ from .validation import (
     ranking_format,
     search,
     uniform_selection,
+    without_per_sample,
 )
 
 log = logging.getLogger(__name__)
@@ -104,11 +105,12 @@ def run_ladder(
     layers = [g["layer"] for g in manifest["groups"]]
 
     model, calib_batches, device, dtype, batch_plan = load_cell_model(spec, calib_samples, clock)
-    eval_batches = device_batches(model, eval_samples, batch_plan["batch_size"], device, dtype)
+    eval_batches = device_batches(model, eval_samples, inference_batch_size(batch_plan, len(eval_samples)), device, dtype)
     clock.enter("calibrate", f"{len(calib_samples)} calibration samples, as the cell")
     model, _, _, _ = search(model, spec, calib_batches, clock, num_score_steps=1)
     switch = RecipeSwitch(model, spec.formats, layers)
     evaluator = Evaluator(model, eval_batches)
+    vision_layers = {g["layer"] for g in manifest["groups"] if g["tower"] == "vision"}
 
     clock.enter("reference", f"BF16 on {len(eval_samples)} held-out samples")
     switch.apply(plan["bf16"])
@@ -118,8 +120,9 @@ def run_ladder(
     def measure(selection: dict[str, str]) -> dict[str, Any]:
         nonlocal n_measured
         switch.apply(selection)
+        evaluator.vision_bf16 = all(selection.get(layer, NO_QUANT) == NO_QUANT for layer in vision_layers)
         n_measured += 1
-        return {**evaluator.measure(), **describe(manifest, selection)}
+        return {**without_per_sample(evaluator.measure()), **describe(manifest, selection)}
 
     clock.enter("ladder", f"{len(plan['rungs'])} budgets × (optimal, nested, {settings.random_draws} random) + uniform")
     uniform = measure(plan["uniform"])

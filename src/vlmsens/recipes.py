@@ -5,8 +5,11 @@ small knapsack over those stored scores. For each configured budget this module
 
 * asks ModelOpt for the recipe (``mtq.get_auto_quantize_config(search_state, {"effective_bits": b})``
   on the cell's ``autoquant_state.pt``; no model, data or GPU involved),
-* solves the same problem exactly from the manifest alone (a 0/1 MILP with scipy's HiGHS), which
-  gives the predicted score and achieved bits and cross-checks ModelOpt's solver,
+* solves the same problem from the manifest alone with the cell's own rule, which gives the
+  predicted score and achieved bits and cross-checks ModelOpt's solver: for ``gradient`` cells the
+  exact minimum-score knapsack (a 0/1 MILP with scipy's HiGHS), for ``kl_div`` cells ModelOpt's
+  threshold rule replayed (each group's most compressed choice whose score is under a bisected
+  threshold: not a minimum sum, so a kl_div recipe is not "optimal" in the knapsack sense),
 * writes a ModelOpt ``quant_cfg`` JSON (ready for ``mtq.quantize``) that keeps the chosen groups
   in BF16, and an ``ignore:`` list of module names for llm-compressor / vLLM users.
 
@@ -143,7 +146,64 @@ def cheapest_selection(manifest: dict[str, Any]) -> dict[str, str]:
     }
 
 
+def solver_rule(manifest: dict[str, Any]) -> str:
+    """How a cell's recipes are chosen from its scores (the rule its ModelOpt searcher uses)."""
+    if manifest.get("search", {}).get("method") == "kl_div":
+        return "ModelOpt kl_div threshold rule"
+    return "exact min-score MILP"
+
+
 def solve_budget(manifest: dict[str, Any], budget_bits: float, model: CostModel | None = None) -> Solution:
+    """The cell's own solver rule re-run for ``budget_bits``: ModelOpt's threshold search for kl_div
+    cells (``solve_threshold``), the exact minimum-score knapsack otherwise (``solve_min_score``)."""
+    if manifest.get("search", {}).get("method") == "kl_div":
+        return solve_threshold(manifest, budget_bits, model)
+    return solve_min_score(manifest, budget_bits, model)
+
+
+# ModelOpt's KL-divergence searcher bisects its threshold a fixed number of times.
+THRESHOLD_ITERATIONS = 100
+
+
+def solve_threshold(manifest: dict[str, Any], budget_bits: float, model: CostModel | None = None) -> Solution:
+    """ModelOpt's rule for kl_div cells (``AutoQuantizeKLDivSearcher.run_search_with_stats``), from the manifest.
+
+    Not a minimum sum: each group takes the first of its choices (most compressed first, BF16 last)
+    whose score is at most a threshold, and the threshold is bisected between the smallest and the
+    largest score for a fixed number of steps so that the total cost meets the budget; the
+    selection of the last step is the answer, as ModelOpt's. Scores are ModelOpt's (clipped) ones.
+    """
+    model = model or cost_model(manifest)
+    groups = manifest["groups"]
+    if not groups:
+        return Solution({}, True, "no searched groups")
+    low_bits, _ = bits_range(manifest, model)
+    if low_bits > budget_bits * (1 + BUDGET_RTOL):
+        return Solution(cheapest_selection(manifest), False, f"infeasible: the fewest achievable effective bits are {low_bits:.4f}")
+    choices = [(g, choices_of(g)) for g in groups]
+    scores = [choice_score(g, c) for g, options in choices for c in options]
+    max_cost = model.max_selected_cost(budget_bits)
+    lower, upper = min(scores), max(scores)
+    threshold = (lower + upper) / 2.0
+    selection: dict[str, str] = {}
+    total = 0.0
+    for _ in range(THRESHOLD_ITERATIONS):
+        selection, total = {}, 0.0
+        for group, options in choices:
+            picked = next((c for c in options if choice_score(group, c) <= threshold), options[0])
+            selection[group["layer"]] = picked
+            total += float(group["costs"][picked])
+        if total <= max_cost:
+            upper = threshold
+        else:
+            lower = threshold
+        threshold = (lower + upper) / 2.0
+    satisfied = total <= max_cost * (1 + BUDGET_RTOL)
+    return Solution(selection, True, "threshold (ModelOpt kl_div rule)" if satisfied else
+                    "threshold (ModelOpt kl_div rule) ends over the budget")
+
+
+def solve_min_score(manifest: dict[str, Any], budget_bits: float, model: CostModel | None = None) -> Solution:
     """Minimum-score choice per group whose effective bits stay within ``budget_bits`` (exact MILP).
 
     One binary per (group, choice), one choice per group, cost ≤ budget. Scores and costs are
@@ -417,8 +477,9 @@ def make_recipe(
     """The recipe of one cell for one budget, with its ModelOpt quant_cfg and its checks."""
     model = cost_model(manifest)
     milp = solve_budget(manifest, budget_bits, model)
+    rule = solver_rule(manifest)
     low_bits, high_bits = bits_range(manifest, model)
-    source, notes, quant_cfg = "manifest MILP", [], None
+    source, notes, quant_cfg = f"manifest ({rule})", [], None
     selection = milp.selection
     if milp.feasible and search_state is not None:
         try:
@@ -428,7 +489,7 @@ def make_recipe(
             if mo_bits <= budget_bits * (1 + BUDGET_RTOL):
                 selection, source = mo_selection, "modelopt get_auto_quantize_config"
             else:
-                notes.append(f"ModelOpt's re-solve reaches {mo_bits:.4f} bits, over the budget; shipping the MILP recipe")
+                notes.append(f"ModelOpt's re-solve reaches {mo_bits:.4f} bits, over the budget; shipping the manifest's ({rule})")
                 quant_cfg = None
         except Exception as err:  # noqa: BLE001 - any ModelOpt failure falls back to the manifest path
             notes.append(f"ModelOpt re-solve failed ({type(err).__name__}: {err}); recipe built from the manifest")
@@ -471,6 +532,7 @@ def make_recipe(
         "selection": {g["layer"]: selection[g["layer"]] for g in manifest["groups"]},
         "source": source,
         "cross_check": {
+            "rule": rule,
             "milp_predicted_score": milp_score,
             "milp_achieved_bits": bits_of(manifest, milp.selection, model),
             "same_selection": selection == milp.selection,
@@ -516,6 +578,8 @@ def agreement_text(check: dict[str, Any]) -> str:
     if check["agrees"]:
         return f"yes (other layers, equal score within {SCORE_RTOL:g}: gap {check['score_gap_rel']:+.1e})"
     gap = check["score_gap_rel"]
+    if check.get("rule") == "ModelOpt kl_div threshold rule":
+        return f"no: ModelOpt's pick differs from its threshold rule replayed on the manifest (score {gap:+.3%})"
     if gap > 0:
         return f"no: ModelOpt's pick scores {gap:+.3%} above the exact optimum"
     return f"no: the MILP's pick scores {-gap:+.3%} above ModelOpt's"

@@ -6,7 +6,9 @@ a test keeps equal to this registry). Everything else reads the flags below:
 * ``searches_vision``: the vision tower (the family's ``vision_patterns``) is in the AutoQuantize
   search and in the bit budget. When it is not, ModelOpt gets it both as ``disabled_layers`` and
   as ``excluded_module_name_patterns`` of the cost, so it counts neither as searched nor at 16 bits.
-* ``with_image``: the calibration samples are image+caption pairs; otherwise caption-only turns.
+* ``needs_images``: the samples must hold the images (the searched vision tower needs its inputs).
+  Otherwise the config key ``calibration.inputs`` decides (``sample_inputs``): image+caption by
+  default, so that a scope changes what is quantized and nothing else; caption-only on request.
 """
 
 from __future__ import annotations
@@ -20,25 +22,21 @@ from .errors import VlmsensError
 class Scope:
     name: str
     searches_vision: bool
-    with_image: bool
+    needs_images: bool
     description: str
-
-    @property
-    def modality(self) -> str:
-        return "image+caption" if self.with_image else "caption only"
 
 
 SCOPES: dict[str, Scope] = {
     "lm-only": Scope(
         name="lm-only",
         searches_vision=False,
-        with_image=False,
-        description="captions only; the vision tower stays BF16, outside the search and the bit budget",
+        needs_images=False,
+        description="the vision tower stays BF16, outside the search and the bit budget",
     ),
     "all-layers": Scope(
         name="all-layers",
         searches_vision=True,
-        with_image=True,
+        needs_images=True,
         description="image+caption samples; every Linear incl. vision tower, mergers and lm_head is searched",
     ),
 }
@@ -49,3 +47,19 @@ def get_scope(name: str) -> Scope:
         return SCOPES[name]
     except KeyError:
         raise VlmsensError(f"unknown scope {name!r}; use one of {tuple(SCOPES)}") from None
+
+
+# What a cell's samples hold: the values of ``calibration.inputs``.
+IMAGE_AND_CAPTION = "image+caption"
+CAPTION_ONLY = "caption-only"
+INPUTS = (IMAGE_AND_CAPTION, CAPTION_ONLY)
+
+
+def sample_inputs(scope: str, requested: str) -> str:
+    """What the samples of ``scope`` hold when ``calibration.inputs`` is ``requested``.
+
+    A scope that searches the vision tower always sees images; ``caption-only`` applies to the others.
+    """
+    if requested not in INPUTS:
+        raise VlmsensError(f"calibration.inputs must be one of {INPUTS}, got {requested!r}")
+    return IMAGE_AND_CAPTION if get_scope(scope).needs_images else requested

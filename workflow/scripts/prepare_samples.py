@@ -8,5 +8,5 @@ torch.set_num_threads(snakemake.threads)
 run_job(
     snakemake, f"{snakemake.rule} {w.model}/{w.scope}/{getattr(w, 'size', 'held-out')}", prepare_samples,
     checkpoint=snakemake.params.checkpoint, calib_db=snakemake.input.db, coco_root=snakemake.params.coco_root,
-    scope=w.scope, prompts=snakemake.params.prompts, out_path=snakemake.output.samples,
+    scope=w.scope, inputs=snakemake.params.inputs, prompts=snakemake.params.prompts, out_path=snakemake.output.samples,
 )

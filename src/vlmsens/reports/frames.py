@@ -10,12 +10,12 @@ from typing import Any
 
 import pandas as pd
 
+from ..families import TOWERS as TOWERS  # re-exported to the plots
 from ..io import atomic_path
-from ..render import layer_rows
+from ..render import cell_inputs, layer_rows
 from ..scopes import SCOPES as SCOPE_REGISTRY
 
 CELL_KEYS = ["model", "format", "scope", "size"]
-TOWERS = ("vision", "text", "head")
 SCOPES = tuple(SCOPE_REGISTRY)  # the registry's order: lm-only, then all-layers
 
 
@@ -43,6 +43,7 @@ def layers_frame(manifests: list[dict[str, Any]]) -> pd.DataFrame:
                 {
                     **{k: cell[k] for k in CELL_KEYS},
                     "family": cell.get("family", ""),
+                    "inputs": cell_inputs(m),
                     "layer": row["layer"],
                     "tower": row["tower"],
                     "block": row["block"],
@@ -62,7 +63,7 @@ def layers_frame(manifests: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 _LAYER_COLUMNS = [
-    *CELL_KEYS, "family", "layer", "tower", "block", "sublayer", "sensitivity", "sensitivity_raw", "rank",
+    *CELL_KEYS, "family", "inputs", "layer", "tower", "block", "sublayer", "sensitivity", "sensitivity_raw", "rank",
     "selected_format", "num_bits", "uncompressed_cost", "kept_bf16",
 ]
 

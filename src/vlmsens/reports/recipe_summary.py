@@ -35,7 +35,9 @@ def recipes_doc(model: str, frame: pd.DataFrame) -> Doc:
     doc = Doc(f"{model}: recipes per effective-bits budget")
     doc.para(
         "Each cell's format choice re-solved for every configured budget from its stored scores (ModelOpt "
-        "`get_auto_quantize_config` on the search state, cross-checked with an exact MILP on the manifest). "
+        "`get_auto_quantize_config` on the search state, cross-checked on the manifest with the cell's own rule: an "
+        "exact min-score MILP for gradient cells, ModelOpt's threshold rule replayed for kl_div cells, whose recipes "
+        "are therefore not minimum-score ones). "
         "score / token is the predicted loss increase per caption token (sum of the selected groups' scores); "
         "each recipe ships a ModelOpt quant_cfg JSON and an `ignore:` list (paths below)."
     )

@@ -70,7 +70,7 @@ def recipes_cell_doc(manifest: dict[str, Any], recipes: list[dict[str, Any]], fi
                 "score / token": f"{r['predicted_score_per_token']:.4e}",
                 "groups BF16": f"{r['groups_bf16']} / {r['groups']}",
                 "solver": r["source"],
-                "MILP agrees": agreement_text(r["cross_check"]),
+                "cross-check agrees": agreement_text(r["cross_check"]),
             }
             for r in recipes
         ]

@@ -46,8 +46,9 @@ def summary_frame(manifests: list[dict[str, Any]]) -> pd.DataFrame:
 def summary_doc(manifests: list[dict[str, Any]], summary: pd.DataFrame, layers: pd.DataFrame, stability: pd.DataFrame) -> Doc:
     doc = Doc("vlmsens summary")
     doc.para(
-        f"{len(manifests)} cells. Sensitivity = AutoQuantize score per caption token of each cell's first candidate "
-        "format (raw, before ModelOpt's monotone clipping). `wall_s`: the cell job from its process start "
+        f"{len(manifests)} cells. Sensitivity = AutoQuantize score per caption token of each cell's ranking "
+        "format (raw, before ModelOpt's monotone clipping): the cell's format, or a candidate set's fewest-bits "
+        "member (ties: the first listed), the same format the validation ranks by. `wall_s`: the cell job from its process start "
         "(start-up, waiting for a GPU, loading, search, writing); `search_s`: load, calibrate, score and solve."
     )
     doc.heading("Cells").table(summary)

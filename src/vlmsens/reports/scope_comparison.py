@@ -1,4 +1,4 @@
-"""(c) LM-only vs all-layers: the text layers scored with caption-only and with image+caption data."""
+"""(c) LM-only vs all-layers: the text layers scored with the vision tower outside and inside the search."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from .stats import TOP_K, agreement_row, log10_ratio, log_floor
 
 
 def scope_comparison(layers: pd.DataFrame, size_order: list[str]) -> Comparison:
-    """Text and head groups scored with caption-only data (lm-only) vs image+caption data (all-layers)."""
-    agreement_cols = ["format", "size", "kendall_tau", "spearman", "n", *[f"top{k}_overlap" for k in TOP_K], "median_log10_ratio"]
+    """Text and head groups scored in lm-only cells vs all-layers cells (same format and size)."""
+    agreement_cols = ["format", "size", "lm_only_inputs", "kendall_tau", "spearman", "n", *[f"top{k}_overlap" for k in TOP_K], "median_log10_ratio"]
     layer_cols = ["format", "size", "layer", "tower", "sublayer", "block", "score_lm_only", "score_all_layers", "log10_ratio",
                   "rank_lm_only", "rank_all_layers", "rank_shift"]
     scopes = set(layers["scope"].unique())
@@ -33,7 +33,8 @@ def scope_comparison(layers: pd.DataFrame, size_order: list[str]) -> Comparison:
             continue
         s_lm, s_all = lm.loc[common, "sensitivity"], al.loc[common, "sensitivity"]
         ratio = log10_ratio(s_all, s_lm, floor)
-        agreements.append({"format": fmt, "size": size, **agreement_row(s_lm, s_all), "median_log10_ratio": float(ratio.median())})
+        agreements.append({"format": fmt, "size": size, "lm_only_inputs": "/".join(sorted(set(lm["inputs"]))),
+                           **agreement_row(s_lm, s_all), "median_log10_ratio": float(ratio.median())})
         r_lm = s_lm.rank(ascending=False, method="min").astype(int)
         r_all = s_all.rank(ascending=False, method="min").astype(int)
         per_layer.append(pd.DataFrame({
@@ -54,13 +55,22 @@ def scope_comparison(layers: pd.DataFrame, size_order: list[str]) -> Comparison:
     return Comparison(agreement, frame.reset_index(drop=True))
 
 
+def lm_only_inputs(comparison: Comparison) -> str:
+    """What the lm-only cells of a comparison saw (``calibration.inputs``)."""
+    if "lm_only_inputs" not in comparison.agreement or comparison.agreement.empty:
+        return "not known"
+    return ", ".join(sorted(set(comparison.agreement["lm_only_inputs"])))
+
+
 def scope_comparison_doc(model: str, comparison: Comparison, size_order: list[str], top: int = 10) -> Doc:
     doc = Doc(f"{model}: LM-only vs all-layers (text layers)")
     doc.para(
-        "The text decoder and lm_head scored twice: with caption-only samples (`lm-only`, vision tower outside the "
-        "search) and with image+caption samples (`all-layers`). High agreement means the cheaper text-only "
-        "calibration ranks the language model's layers like the multimodal one. rank shift > 0: the group ranks "
-        "as more sensitive once images are in the prompt."
+        "The text decoder and lm_head scored twice: in `lm-only` cells (vision tower in BF16, outside the search "
+        f"and the budget; samples: {lm_only_inputs(comparison)}) and in `all-layers` cells (every Linear searched; "
+        "samples: image+caption). With image+caption samples in both, the scopes differ in what is quantized and "
+        "nothing else; with caption-only lm-only samples, also in what the model sees. High agreement means the "
+        "lm-only ranking of the language model's layers holds in the all-layers search. rank shift > 0: the group "
+        "ranks as more sensitive in all-layers."
     )
     if comparison.reason:
         return doc.not_applicable(comparison.reason + ".")
@@ -93,10 +103,10 @@ def plot_scope_comparison(comparison: Comparison, model: str, size_order: list[s
         row = comparison.agreement[(comparison.agreement["format"] == fmt) & (comparison.agreement["size"] == sizes[-1])]
         tau = f"τ = {row['kendall_tau'].iloc[0]:.2f} at {sizes[-1]}" if len(row) else ""
         ax.set_title(f"{fmt}   {tau}", fontsize=9)
-        ax.set_xlabel("lm-only (captions): score / caption token")
+        ax.set_xlabel(f"lm-only ({lm_only_inputs(comparison)}): score / caption token")
         ax.set_ylabel("all-layers (image+caption): score / caption token")
     legend_towers_sizes(fig, axes[0, -1], markers, towers=("text", "head"))
-    fig.suptitle(f"{model}: text layers scored with and without images", fontsize=10)
+    fig.suptitle(f"{model}: text layers scored with the vision tower outside and inside the search", fontsize=10)
     save(fig, out_png)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..validation import under_predicted_towers
 from .frames import CELL_KEYS, TOWERS, ordered
 from .plots import TOWER_COLORS, format_scope_grid, legend_towers_sizes, na_figure, save
 from .registry import Analysis, Job, Output, register
@@ -17,7 +18,11 @@ def write(job: Job) -> None:
     """Per format × scope: each ablated group's predicted score against its measured damage (log-log)."""
     model, size_order, out_png = job.model, job.size_order, job.outputs["png"]
     docs = [d for d in (json.loads(Path(p).read_text()) for p in job.inputs) if d["cell"]["model"] == model]
-    rows = [{**{k: d["cell"][k] for k in CELL_KEYS}, **r, "rho": d["ablations"]["correlation"]["kl"]["spearman"]["value"]}
+    rows = [{**{k: d["cell"][k] for k in CELL_KEYS}, **{k: v for k, v in r.items() if k != "per_sample"},
+             "rho": d["ablations"]["correlation"]["kl"]["spearman"]["value"],
+             "rho_size": d["ablations"]["size_only"]["kl"]["spearman"]["value"],
+             "under": ", ".join(f"{t} ×{d['ablations']['towers'][t]['under_prediction']['factor']:.2g}"
+                                for t in under_predicted_towers(d))}
             for d in docs for r in d["ablations"]["rows"]]
     frame = pd.DataFrame(rows)
     if frame.empty:
@@ -36,8 +41,14 @@ def write(job: Job) -> None:
                                alpha=0.75, marker=markers[size], color=TOWER_COLORS[tower], edgecolors="none")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        rhos = ", ".join(f"{size} ρ={sub[sub['size'] == size]['rho'].iloc[0]:.2f}" for size in sizes if (sub["size"] == size).any())
-        ax.set_title(f"{fmt} / {scope}\n{rhos}", fontsize=9)
+        lines = []
+        for size in sizes:
+            part = sub[sub["size"] == size]
+            if len(part):
+                first = part.iloc[0]
+                lines.append(f"{size} ρ={first['rho']:.2f} (size alone {first['rho_size']:.2f})"
+                             + (f"; under-predicted: {first['under']}" if first["under"] else ""))
+        ax.set_title(f"{fmt} / {scope}\n" + "\n".join(lines), fontsize=8)
         ax.set_xlabel("predicted score per caption token")
         ax.set_ylabel("measured KL, group quantized alone")
     legend_towers_sizes(fig, axes[0, -1], markers)
