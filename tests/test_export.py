@@ -44,7 +44,7 @@ def _cell(checkpoint: Path, family: str, fmt: str, scope: str, dbs, coco, work: 
         samples[name] = work / f"{name}-{scope}.pt"
         if not samples[name].exists():
             prepare_samples(checkpoint=str(checkpoint), calib_db=str(dbs[name]), coco_root=str(coco), scope=scope,
-                            prompts=PROMPTS, out_path=str(samples[name]), progress=lambda _: None)
+                            inputs="image+caption", prompts=PROMPTS, out_path=str(samples[name]), progress=lambda _: None)
     common = dict(model_name=f"tiny_{family}", model_cfg={"family": family}, checkpoint=str(checkpoint), format_name=fmt,
                   formats_cfg=formats_cfg or {}, scope=scope, size="small", autoquant_cfg=AUTOQUANT_EXPORT, batch_size=4, seed=0)
     cell = work / f"{fmt}-{scope}"

@@ -137,7 +137,7 @@ def planted_cells(tiny_checkpoints, demo_coco, tmp_path_factory) -> dict:
                 samples[name] = work / f"{name}-{size}-{scope}.pt"
                 if not samples[name].exists():
                     prepare_samples(checkpoint=str(checkpoint), calib_db=str(db), coco_root=str(demo_coco), scope=scope,
-                                    prompts=PROMPTS, out_path=str(samples[name]), progress=lambda _: None)
+                                    inputs="image+caption", prompts=PROMPTS, out_path=str(samples[name]), progress=lambda _: None)
             folder = work / f"{scope}-{size}"
             folder.mkdir()
             common = dict(model_name="planted", model_cfg={"family": FAMILY}, checkpoint=str(checkpoint), format_name=FORMAT,

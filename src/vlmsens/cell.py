@@ -214,23 +214,7 @@ def validate_cell(
     # target, method and candidates.
     spec = replace(cell_spec(**cell), effective_bits=float(manifest["search"]["effective_bits_target"]),
                    method=manifest["search"]["method"])
-    if [f.name for f in spec.formats] != manifest["cell"]["candidates"]:
-        raise VlmsensError(
-            f"{manifest_path} was made with formats {manifest['cell']['candidates']}, the config now gives "
-            f"{[f.name for f in spec.formats]}: rerun the cell")
-    calib, calib_meta = load_samples(samples_path)
-    held_out, eval_meta = load_samples(eval_samples_path)
-    inputs = _samples_inputs(samples_path, calib_meta, spec.scope)
-    if _samples_inputs(eval_samples_path, eval_meta, spec.scope) != inputs:
-        raise VlmsensError(f"{eval_samples_path} holds {eval_meta['inputs']} samples, the calibration samples {inputs}: "
-                           "validate on what the cell was calibrated with (rerun prepare_eval_samples)")
-    if manifest["config"].get("inputs", inputs) != inputs:
-        raise VlmsensError(f"{manifest_path} was calibrated on {manifest['config']['inputs']} samples, {samples_path} "
-                           f"holds {inputs}: rerun the cell")
-    overlap = set(calib_meta.get("images", [])) & set(eval_meta.get("images", []))
-    if overlap:
-        raise VlmsensError(f"{eval_samples_path} shares {len(overlap)} image(s) with the calibration samples; "
-                           "the evaluation subset must be held out")
+    calib, calib_meta, held_out, eval_meta, inputs = _held_out_pair(spec, manifest, manifest_path, samples_path, eval_samples_path)
     settings = ValidationSettings.from_config(validation_cfg, spec.seed)
     progress(f"validate {spec.model}/{spec.format_name}/{spec.scope}/{spec.size}: {len(calib)} calibration, "
              f"{len(held_out)} held-out samples")
@@ -266,19 +250,7 @@ def ladder_cell(
     # Calibrate exactly as the cell did (its own target, method and candidates), as rule validate does.
     spec = replace(cell_spec(**cell), effective_bits=float(manifest["search"]["effective_bits_target"]),
                    method=manifest["search"]["method"])
-    if [f.name for f in spec.formats] != manifest["cell"]["candidates"]:
-        raise VlmsensError(
-            f"{manifest_path} was made with formats {manifest['cell']['candidates']}, the config now gives "
-            f"{[f.name for f in spec.formats]}: rerun the cell")
-    calib, calib_meta = load_samples(samples_path)
-    held_out, eval_meta = load_samples(eval_samples_path)
-    for path, meta in ((samples_path, calib_meta), (eval_samples_path, eval_meta)):
-        if meta.get("scope") != spec.scope:
-            raise VlmsensError(f"{path} was prepared for scope {meta.get('scope')!r}, not {spec.scope!r}")
-    overlap = set(calib_meta.get("images", [])) & set(eval_meta.get("images", []))
-    if overlap:
-        raise VlmsensError(f"{eval_samples_path} shares {len(overlap)} image(s) with the calibration samples; "
-                           "the evaluation subset must be held out")
+    calib, calib_meta, held_out, eval_meta, inputs = _held_out_pair(spec, manifest, manifest_path, samples_path, eval_samples_path)
     settings = LadderSettings.from_config(ladder_cfg, spec.seed)
     progress(f"ladder {spec.model}/{spec.format_name}/{spec.scope}/{spec.size}: {len(calib)} calibration, "
              f"{len(held_out)} held-out samples, {len(settings.bits_above_uniform)} rungs")
@@ -287,7 +259,7 @@ def ladder_cell(
         "schema_version": 1,
         "cell": {k: manifest["cell"][k] for k in ("model", "family", "format", "candidates", "scope", "size")},
         **body,
-        "dataset": {"calibration": calib_meta.get("calib_meta"), "held_out": eval_meta.get("calib_meta"),
+        "dataset": {"inputs": inputs, "calibration": calib_meta.get("calib_meta"), "held_out": eval_meta.get("calib_meta"),
                     "calibration_samples": str(samples_path), "held_out_samples": str(eval_samples_path)},
     }
     doc["provenance"] = provenance.collect(
@@ -313,17 +285,7 @@ def export_cell(
     started = time.perf_counter()
     manifest = json.loads(Path(manifest_path).read_text())
     spec = cell_spec(**cell)
-    if [f.name for f in spec.formats] != manifest["cell"]["candidates"]:
-        raise VlmsensError(
-            f"{manifest_path} was made with formats {manifest['cell']['candidates']}, the config now gives "
-            f"{[f.name for f in spec.formats]}: rerun the cell")
-    calib, calib_meta = load_samples(samples_path)
-    held_out, eval_meta = load_samples(eval_samples_path)
-    for path, meta in ((samples_path, calib_meta), (eval_samples_path, eval_meta)):
-        if meta.get("scope") != spec.scope:
-            raise VlmsensError(f"{path} was prepared for scope {meta.get('scope')!r}, not {spec.scope!r}")
-    if set(calib_meta.get("images", [])) & set(eval_meta.get("images", [])):
-        raise VlmsensError(f"{eval_samples_path} shares images with the calibration samples; the check needs held-out ones")
+    calib, _, held_out, _, _ = _held_out_pair(spec, manifest, manifest_path, samples_path, eval_samples_path)
     # The recipe rule ``recipes`` writes for this budget: same manifest, same search state, same solver.
     recipe = make_recipe(manifest, float(budget), load_search_state(state_path))
     if not recipe["feasible"]:
@@ -348,6 +310,30 @@ def _samples_inputs(path: str, meta: dict[str, Any], scope: str) -> str:
     if inputs is None:
         raise VlmsensError(f"{path} does not record its inputs (made by an older vlmsens): prepare the samples again")
     return inputs
+
+
+def _held_out_pair(spec: CellSpec, manifest: dict[str, Any], manifest_path: str, samples_path: str,
+                   eval_samples_path: str) -> tuple[list[dict], dict[str, Any], list[dict], dict[str, Any], str]:
+    """The cell's calibration samples and the held-out ones, checked to belong to the cell and to each
+    other (formats, scope, inputs, no shared image): (calib, its meta, held-out, its meta, inputs)."""
+    if [f.name for f in spec.formats] != manifest["cell"]["candidates"]:
+        raise VlmsensError(
+            f"{manifest_path} was made with formats {manifest['cell']['candidates']}, the config now gives "
+            f"{[f.name for f in spec.formats]}: rerun the cell")
+    calib, calib_meta = load_samples(samples_path)
+    held_out, eval_meta = load_samples(eval_samples_path)
+    inputs = _samples_inputs(samples_path, calib_meta, spec.scope)
+    if _samples_inputs(eval_samples_path, eval_meta, spec.scope) != inputs:
+        raise VlmsensError(f"{eval_samples_path} holds {eval_meta['inputs']} samples, the calibration samples {inputs}: "
+                           "measure on what the cell was calibrated with (rerun prepare_eval_samples)")
+    if manifest["config"].get("inputs", inputs) != inputs:
+        raise VlmsensError(f"{manifest_path} was calibrated on {manifest['config']['inputs']} samples, {samples_path} "
+                           f"holds {inputs}: rerun the cell")
+    overlap = set(calib_meta.get("images", [])) & set(eval_meta.get("images", []))
+    if overlap:
+        raise VlmsensError(f"{eval_samples_path} shares {len(overlap)} image(s) with the calibration samples; "
+                           "the evaluation subset must be held out")
+    return calib, calib_meta, held_out, eval_meta, inputs
 
 
 def write_cell_reports(manifest: dict[str, Any], outputs: dict[str, str]) -> None:

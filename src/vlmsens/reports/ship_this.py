@@ -16,7 +16,6 @@ import pandas as pd
 
 from ..recipes import score_per_cost
 from ..render import layer_rows, primary_format
-from ..validation import k_of
 from .doc import Doc
 from .frames import CELL_KEYS, SCOPES, load_manifests, ordered, short_name, write_csv
 from .recipes import KEPT_VS_SENSITIVE
@@ -27,6 +26,11 @@ EVIDENCE_COLUMNS = [
 ]
 
 
+
+def groups_in(fraction: float, n_groups: int) -> int:
+    """How many of a cell's ``n_groups`` ranked groups make up ``fraction`` of them (at least one)."""
+    return max(1, min(n_groups, round(fraction * n_groups)))
+
 def evidence_frame(manifests: list[dict[str, Any]], top_fraction: float, safe_fraction: float) -> pd.DataFrame:
     """One row per (cell, group): its rank, whether it is top or safe in that cell, its per-bit rank."""
     records = []
@@ -35,7 +39,7 @@ def evidence_frame(manifests: list[dict[str, Any]], top_fraction: float, safe_fr
         fmt = primary_format(m)
         rows = layer_rows(m)
         n = len(rows)
-        top_k, safe_k = k_of(top_fraction, n), k_of(safe_fraction, n)
+        top_k, safe_k = groups_in(top_fraction, n), groups_in(safe_fraction, n)
         groups = {g["layer"]: g for g in m["groups"]}
         per_bit = sorted(groups, key=lambda layer: (-score_per_cost(groups[layer], fmt), layer))
         per_bit_rank = {layer: i for i, layer in enumerate(per_bit, start=1)}
