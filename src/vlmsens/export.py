@@ -190,7 +190,7 @@ def export_recipe(
         result = {
             "passed": drift["kl"] <= limit,
             "held_out_samples": len(check),
-            "caption_tokens": against_bf16.tokens,
+            "caption_tokens": sum(against_bf16.tokens),
             "max_kl": limit,
             "max_kl_ratio": settings.max_kl_ratio,
             "kl_exported_vs_fake_quant": drift["kl"],
