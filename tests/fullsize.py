@@ -68,6 +68,8 @@ def manifest(family: str, fmt: str = "wfp8_afp8", scope: str = "all-layers", siz
         "schema_version": 1,
         "cell": {"model": model or MODELS[family], "family": family, "checkpoint": "", "format": fmt, "candidates": [fmt],
                  "scope": scope, "size": size},
+        "config": {"effective_bits": 8.5, "method": "gradient", "batch_size": "auto", "batch_size_used": 32, "seed": 0,
+                   "inputs": "image+caption"},
         "formats": {f: {"base": f, "description": f, "bits": 8.0} for f in formats},
         "search": {"effective_bits_target": 8.5, "effective_bits_achieved": 8.5, "is_satisfied": True, "score": 0.0,
                    "disabled_layers": []},

@@ -11,6 +11,7 @@ import pytest
 from fullsize import GROUPS, MODELS, model_manifests
 from PIL import Image
 
+from vlmsens.config import ship_this_settings
 from vlmsens.reports import heatmap, sensitivity_plot
 from vlmsens.reports.frames import layers_frame
 from vlmsens.reports.network import network_layout
@@ -119,7 +120,7 @@ def _job(analysis, paths, folder, model):
     for path in outputs.values():
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     return Job(paths, outputs, {"model": model} if analysis.level == "model" else {},
-               {"size_order": SIZES, "format_order": FORMATS}, named={"manifests": paths})
+               {"size_order": SIZES, "format_order": FORMATS, "ship_this": ship_this_settings({})}, named={"manifests": paths})
 
 
 def test_every_manifest_analysis_writes_readable_outputs_at_full_size(full_model, tmp_path):
@@ -142,7 +143,7 @@ def test_every_manifest_analysis_writes_readable_outputs_at_full_size(full_model
                     width, height = image.size
                 assert 400 < width <= 4000 and 200 < height <= 6000, (name, key, image.size)
     assert {"sensitivity_plot", "heatmap", "format_comparison", "scope_comparison", "towers", "rank_stability",
-            "report", "front_page"} <= set(ran)
+            "report", "front_page", "ship_this"} <= set(ran)
 
 
 def test_cell_table_lists_every_group_of_a_full_size_cell(full_model):

@@ -311,6 +311,7 @@ def _manifest(groups, formats=("int8",), bits_achieved=None, disabled=()):
     manifest = {
         "cell": {"model": "m", "family": "qwen3_vl", "format": formats[0], "candidates": list(formats), "scope": "all-layers", "size": "small"},
         "formats": {f: {"base": "X", "description": f, "bits": fmt_bits[f], "modelopt_config": cfgs[f]} for f in formats},
+        "config": {"effective_bits": 8.5, "method": "gradient", "inputs": "image+caption"},
         "search": {"effective_bits_target": 8.5, "effective_bits_achieved": bits_achieved, "disabled_layers": list(disabled), "score": 0.0},
         "groups": groups,
     }
@@ -580,8 +581,8 @@ def test_every_analysis_is_its_own_module_with_a_caption_of_its_name():
     registry = analyses()
     assert {"report", "sensitivity_plot", "heatmap", "validation_report"} <= set(registry)
     captions = {p.stem for p in (Path(__file__).resolve().parents[1] / "docs" / "report").glob("*.rst")}
-    # workflow.rst is the report's front page, recipes.rst the caption of rule recipes (per cell).
-    assert captions - {"workflow", "recipes"} == set(registry)
+    # workflow.rst is the report's front page; recipes.rst and export.rst caption rules recipes and export (per cell).
+    assert captions - {"workflow", "recipes", "export"} == set(registry)
     for name, analysis in registry.items():
         assert analysis.write.__module__ == f"vlmsens.reports.{name}"
         keys = [o.key for o in analysis.outputs]

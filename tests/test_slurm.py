@@ -88,7 +88,7 @@ def slurm_cluster():
 def _test_profile(workdir: Path) -> Path:
     profile = yaml.safe_load((workdir / "profiles" / "slurm" / "config.yaml").read_text())
     profile.update(TEST_PROFILE_OVERRIDES)
-    for rule in ("autoquant", "validate"):
+    for rule in ("autoquant", "validate", "ladder", "export"):
         profile["set-resources"][rule].update(AUTOQUANT_OVERRIDES)
     folder = workdir / "profiles" / "slurm-test"
     folder.mkdir()

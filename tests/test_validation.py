@@ -262,7 +262,7 @@ def test_evaluator_measures_kl_from_bf16_to_quantized(monkeypatch):
         logits = torch.tensor([[3.0, 0.0, -2.0], [0.5, 0.5, 0.0], [1.0, -1.0, 2.0]])
 
     model = Model()
-    monkeypatch.setattr(validation, "caption_logits", lambda m, batch: (m.logits.clone(), targets))
+    monkeypatch.setattr(validation, "caption_logits", lambda m, batch, inputs=None: (m.logits.clone(), targets))
     # two samples: the first predicts two caption tokens, the second one (labels are shifted by one)
     labels = torch.tensor([[-100, 0, 2, -100], [-100, 1, -100, -100]])
     evaluator = Evaluator(model, [{"labels": labels}])

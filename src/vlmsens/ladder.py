@@ -152,7 +152,7 @@ def run_ladder(
         "damage_measure": "KL divergence BF16 → quantized, per caption token (nats)",
         "settings": asdict(settings),
         "bits_range": [low, high],
-        "eval": {**batch_stats(eval_batches), "bf16_loss": reference_loss, "tokens": evaluator.tokens,
+        "eval": {**batch_stats(eval_batches), "bf16_loss": reference_loss, "tokens": sum(evaluator.tokens),
                  "configurations_measured": n_measured},
         "uniform": uniform,
         "bf16": {"bits": high, "kl": 0.0, "loss_increase": 0.0},
