@@ -226,8 +226,8 @@ def _start_or_find(address: str, expected: str, start_timeout: float) -> None:
         os.unlink(address)
     server_log = address.removesuffix(".sock") + ".log"
     env = dict(os.environ)
-    # No GPU is visible to the server: ModelOpt's imports query the device when one is (a
-    # forked child could not use CUDA after that). Each child sees its job's GPU.
+    # The server imports no torch, and sees no GPU besides, so nothing in it can start the CUDA
+    # driver before it forks a standby (a fork after that sees no GPU). Each standby sets its own.
     env["CUDA_VISIBLE_DEVICES"] = ""
     env["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # is_available() without initialising CUDA
     with open(server_log, "ab") as out:
