@@ -40,10 +40,18 @@ def test_batch_progress_without_a_total_has_no_eta_and_long_durations_read_well(
 
 
 def test_known_warnings_become_one_note_each_and_others_pass(caplog, monkeypatch):
-    # A job run earlier in this process left its own filter, which has already noted these warnings.
-    monkeypatch.setattr(logging.getLogger("py.warnings"), "filters", [])
+    # Whatever earlier tests in this process did to the py.warnings logger (a job's filter that has
+    # already noted these warnings) and to the warnings filters is undone here: this test sees one
+    # job's first warnings.
+    py_warnings = logging.getLogger("py.warnings")
+    monkeypatch.setattr(py_warnings, "filters", [])
     quiet_third_party()
+    # An earlier job's captureWarnings(True) outlived pytest's restoring of warnings.showwarning; reset it.
+    logging.captureWarnings(False)
     logging.captureWarnings(True)
+    catcher = warnings.catch_warnings()
+    catcher.__enter__()
+    warnings.simplefilter("always")
     try:
         with caplog.at_level(logging.INFO, logger="py.warnings"):
             flt = KnownWarnings()
@@ -57,6 +65,7 @@ def test_known_warnings_become_one_note_each_and_others_pass(caplog, monkeypatch
             finally:
                 logger.removeFilter(flt)
     finally:
+        catcher.__exit__(None, None, None)
         logging.captureWarnings(False)
     records = [r for r in caplog.records if r.name == "py.warnings"]
     notes = [r for r in records if "known warning" in r.getMessage()]
