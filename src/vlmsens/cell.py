@@ -210,25 +210,14 @@ def validate_cell(
     """Measure whether the cell's ranking predicts real damage; writes validation.json and .md."""
     started = time.perf_counter()
     manifest = json.loads(Path(manifest_path).read_text())
-    # The cell's own keyword arguments (see run_cell); calibrate exactly as the cell did: its own
-    # target, method and candidates.
-    spec = replace(cell_spec(**cell), effective_bits=float(manifest["search"]["effective_bits_target"]),
-                   method=manifest["search"]["method"])
+    spec = _as_calibrated(manifest, cell)
     calib, calib_meta, held_out, eval_meta, inputs = _held_out_pair(spec, manifest, manifest_path, samples_path, eval_samples_path)
     settings = ValidationSettings.from_config(validation_cfg, spec.seed)
     progress(f"validate {spec.model}/{spec.format_name}/{spec.scope}/{spec.size}: {len(calib)} calibration, "
              f"{len(held_out)} held-out samples")
     body = run_validation(spec, manifest, calib, held_out, settings, progress=progress)
-    doc = {
-        "schema_version": 1,
-        "cell": {k: manifest["cell"][k] for k in ("model", "family", "format", "candidates", "scope", "size")},
-        **body,
-        "dataset": {"inputs": inputs, "calibration": calib_meta.get("calib_meta"), "held_out": eval_meta.get("calib_meta"),
-                    "calibration_samples": str(samples_path), "held_out_samples": str(eval_samples_path)},
-    }
-    doc["provenance"] = provenance.collect(
-        {"manifest": manifest_path, "samples": samples_path, "held_out_samples": eval_samples_path}, checkpoint=spec.checkpoint)
-    doc["provenance"]["wall_time_s"] = round(time.perf_counter() - started, 3)
+    doc = _held_out_doc(spec, manifest, body, inputs, (manifest_path, samples_path, eval_samples_path),
+                        (calib_meta, eval_meta), started)
     atomic_write_text(outputs["markdown"], validation_doc(doc).to_markdown())
     atomic_write_json(outputs["json"], doc)
     return doc
@@ -247,24 +236,14 @@ def ladder_cell(
     """Measure the cell's recipes across a ladder of budgets on the held-out samples; writes ladder.json."""
     started = time.perf_counter()
     manifest = json.loads(Path(manifest_path).read_text())
-    # Calibrate exactly as the cell did (its own target, method and candidates), as rule validate does.
-    spec = replace(cell_spec(**cell), effective_bits=float(manifest["search"]["effective_bits_target"]),
-                   method=manifest["search"]["method"])
+    spec = _as_calibrated(manifest, cell)
     calib, calib_meta, held_out, eval_meta, inputs = _held_out_pair(spec, manifest, manifest_path, samples_path, eval_samples_path)
     settings = LadderSettings.from_config(ladder_cfg, spec.seed)
     progress(f"ladder {spec.model}/{spec.format_name}/{spec.scope}/{spec.size}: {len(calib)} calibration, "
              f"{len(held_out)} held-out samples, {len(settings.bits_above_uniform)} rungs")
     body = run_ladder(spec, manifest, calib, held_out, settings, progress=progress)
-    doc = {
-        "schema_version": 1,
-        "cell": {k: manifest["cell"][k] for k in ("model", "family", "format", "candidates", "scope", "size")},
-        **body,
-        "dataset": {"inputs": inputs, "calibration": calib_meta.get("calib_meta"), "held_out": eval_meta.get("calib_meta"),
-                    "calibration_samples": str(samples_path), "held_out_samples": str(eval_samples_path)},
-    }
-    doc["provenance"] = provenance.collect(
-        {"manifest": manifest_path, "samples": samples_path, "held_out_samples": eval_samples_path}, checkpoint=spec.checkpoint)
-    doc["provenance"]["wall_time_s"] = round(time.perf_counter() - started, 3)
+    doc = _held_out_doc(spec, manifest, body, inputs, (manifest_path, samples_path, eval_samples_path),
+                        (calib_meta, eval_meta), started)
     atomic_write_json(outputs["json"], doc)
     return doc
 
@@ -310,6 +289,31 @@ def _samples_inputs(path: str, meta: dict[str, Any], scope: str) -> str:
     if inputs is None:
         raise VlmsensError(f"{path} does not record its inputs (made by an older vlmsens): prepare the samples again")
     return inputs
+
+
+def _as_calibrated(manifest: dict[str, Any], cell: dict[str, Any]) -> CellSpec:
+    """The cell's spec (its own keyword arguments, see run_cell) calibrating exactly as the cell did:
+    its own target, method and candidates."""
+    return replace(cell_spec(**cell), effective_bits=float(manifest["search"]["effective_bits_target"]),
+                   method=manifest["search"]["method"])
+
+
+def _held_out_doc(spec: CellSpec, manifest: dict[str, Any], body: dict[str, Any], inputs: str,
+                  paths: tuple[str, str, str], metas: tuple[dict[str, Any], dict[str, Any]], started: float) -> dict[str, Any]:
+    """validation.json or ladder.json: the cell, the measurements, the samples they used and provenance."""
+    manifest_path, samples_path, eval_samples_path = paths
+    calib_meta, eval_meta = metas
+    doc = {
+        "schema_version": 1,
+        "cell": {k: manifest["cell"][k] for k in ("model", "family", "format", "candidates", "scope", "size")},
+        **body,
+        "dataset": {"inputs": inputs, "calibration": calib_meta.get("calib_meta"), "held_out": eval_meta.get("calib_meta"),
+                    "calibration_samples": str(samples_path), "held_out_samples": str(eval_samples_path)},
+    }
+    doc["provenance"] = provenance.collect(
+        {"manifest": manifest_path, "samples": samples_path, "held_out_samples": eval_samples_path}, checkpoint=spec.checkpoint)
+    doc["provenance"]["wall_time_s"] = round(time.perf_counter() - started, 3)
+    return doc
 
 
 def _held_out_pair(spec: CellSpec, manifest: dict[str, Any], manifest_path: str, samples_path: str,
