@@ -425,3 +425,92 @@ def test_gradient_checkpointing_off_keeps_the_scores(planted, subsets, demo_coco
     assert a.keys() == b.keys() and len(a) > 10
     for layer in a:
         assert b[layer] == pytest.approx(a[layer], rel=1e-4, abs=1e-12), layer
+
+
+def _held_differences(model) -> int:
+    """Bytes of ModelOpt's per-module Q(Y) - Y stores still alive."""
+    return sum(t.numel() * t.element_size() for m in model.modules()
+               for per_recipe in getattr(m, "output_diff_dict", {}).values() for t in per_recipe.values())
+
+
+def test_score_differences_are_freed_once_scored_and_keep_the_scores(planted, subsets, demo_coco, monkeypatch):
+    """ModelOpt keeps every module's Q(Y) - Y until the next batch and after the search; the cell
+    frees each once its backward hook used it. Same scores, bit for bit; nothing held between batches."""
+    import vlmsens.autoquant
+
+    family = "qwen2_5_vl"
+    samples = _encoded(planted[family], subsets["small"], demo_coco, "all-layers")
+    held: dict = {}
+    real_load, real_batch = vlmsens.autoquant.load_cell_model, vlmsens.autoquant.PhaseClock.batch
+
+    def load(spec, samples, clock):
+        loaded = real_load(spec, samples, clock)
+        held["model"] = loaded[0]
+        return loaded
+
+    def batch(clock, phase):
+        if phase == "score":
+            held["between_batches"].append(_held_differences(held["model"]))
+        real_batch(clock, phase)
+
+    monkeypatch.setattr(vlmsens.autoquant, "load_cell_model", load)
+    monkeypatch.setattr(vlmsens.autoquant.PhaseClock, "batch", batch)
+    runs = {}
+    for mode in ("stock", "released"):
+        if mode == "stock":
+            monkeypatch.setattr(vlmsens.autoquant.ScoreDiffRelease, "attach", lambda self, model: 0)
+        else:
+            monkeypatch.undo()
+            monkeypatch.setattr(vlmsens.autoquant, "load_cell_model", load)
+            monkeypatch.setattr(vlmsens.autoquant.PhaseClock, "batch", batch)
+        held["between_batches"] = []
+        result = _cell(planted[family], family, "wint8_aint8", "all-layers", samples)
+        runs[mode] = (result, held["between_batches"], _held_differences(held["model"]))
+    stock, released = runs["stock"], runs["released"]
+    assert len(stock[1]) == 2 and stock[1][0] == 0  # 8 samples, batch 4: two score batches
+    assert stock[1][1] > 0 and stock[2] > 0  # the stock search holds them into the next batch and after
+    assert released[1] == [0, 0] and released[2] == 0
+    for a, b in zip(stock[0]["groups"], released[0]["groups"], strict=True):
+        assert a["layer"] == b["layer"] and a["scores_raw"] == b["scores_raw"] and a["selected_format"] == b["selected_format"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lm_only_search_makes_image_features_once_per_batch_and_keeps_the_scores(planted, subsets, demo_coco, family,
+                                                                                 monkeypatch):
+    """lm-only neither quantizes nor scores the vision tower: it runs once per batch (not in every
+    calibration, score and recomputation pass), and the text tower's scores are unchanged."""
+    import vlmsens.autoquant
+    from vlmsens.vision_reuse import VisionFeatures
+
+    samples = _encoded(planted[family], subsets["small"], demo_coco, "all-layers")  # image+caption
+    tower_calls: list[int] = []
+    real_load = vlmsens.autoquant.load_cell_model
+
+    def load(spec, samples, clock):
+        loaded = real_load(spec, samples, clock)
+        loaded[0].model.visual.register_forward_hook(lambda *_: tower_calls.__setitem__(-1, tower_calls[-1] + 1))
+        return loaded
+
+    class NoReuse(VisionFeatures):
+        def __init__(self, model):
+            super().__init__(model)
+            self.supported = False
+
+    monkeypatch.setattr(vlmsens.autoquant, "load_cell_model", load)
+    results = {}
+    for reuse in (False, True):
+        if not reuse:
+            monkeypatch.setattr(vlmsens.autoquant, "VisionFeatures", NoReuse)
+        else:
+            monkeypatch.setattr(vlmsens.autoquant, "VisionFeatures", VisionFeatures)
+        tower_calls.append(0)
+        results[reuse] = _cell(planted[family], family, "wint8_aint8", "lm-only", samples)
+    n_batches = results[True]["batches"]["batches"]
+    assert n_batches == 2 and tower_calls[1] == n_batches  # once per batch for the whole search
+    assert tower_calls[0] == 2 * n_batches  # a calibration and a score forward per batch, the score one with backward and block recomputation
+    a = {g["layer"]: g["scores_raw"]["wint8_aint8"] for g in results[False]["groups"]}
+    b = {g["layer"]: g["scores_raw"]["wint8_aint8"] for g in results[True]["groups"]}
+    assert a.keys() == b.keys() and len(a) > 5 and not any("visual" in layer for layer in a)
+    for layer in a:
+        assert b[layer] == pytest.approx(a[layer], rel=1e-5, abs=1e-12), layer
+    assert [g["selected_format"] for g in results[False]["groups"]] == [g["selected_format"] for g in results[True]["groups"]]

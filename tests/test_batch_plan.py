@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from vlmsens.autoquant import ALLOCATOR_OVERHEAD, MEMORY_MARGIN_GIB, CellSpec, batch_plan
+from vlmsens.autoquant import memory_model as memory_model_of
 from vlmsens.batches import plan_batch_size
 from vlmsens.families import MemoryModel, get_family
 from vlmsens.formats import format_registry, resolve_format
@@ -93,3 +94,52 @@ def test_inference_batches_hold_four_search_batches_within_the_sample_count():
     assert inference_batch_size({"batch_size": 10}, 100) == 40
     assert inference_batch_size({"batch_size": 37}, 100) == 100  # never more than the samples
     assert inference_batch_size({"batch_size": 1}, 0) == 1
+
+
+def test_memory_model_adds_one_blocks_differences_per_candidate_format():
+    """A searched block's Q(Y) - Y per format (2 bytes per output) is what the score adds per token and patch."""
+    family = get_family("qwen2_5_vl")
+    assert family.block_outputs() == (2560 + 2 * 2048 + 2 * 11008, 4 * 1280 + 2 * 3420 + 1280)
+    assert get_family("qwen3_vl").block_outputs() == (128 * (32 + 16) + 2 * 2560 + 2 * 9728, 4 * 1024 + 4096 + 1024)
+    one, two = family.memory_model(n_formats=1), family.memory_model(n_formats=2)
+    assert two.bytes_per_token - one.bytes_per_token == 2 * 28672
+    assert two.bytes_per_patch - one.bytes_per_patch == 2 * 13240
+    lm_only = family.memory_model(searches_vision=False)
+    assert lm_only.bytes_per_token == one.bytes_per_token and lm_only.bytes_per_patch == family.activation_bytes_per_patch
+    # without checkpointing every block's differences are held until the backward: the measured totals × 2.4
+    assert family.memory_model(False).bytes_per_token == pytest.approx(2.4 * (0.41e6 + 36 * 2 * 28672))
+
+
+def test_a_two_format_cell_plans_a_smaller_batch():
+    net = torch.nn.Linear(1024, 1024)
+    both = format_registry({"fp8_or_int8": {"candidates": ["wfp8_afp8", "wint8_aint8"]}})
+    one = batch_plan(_spec(batch_size=0, gpu_memory_gib=12.0), net, _samples(64), "cpu")
+    two_spec = CellSpec(model="m", family=get_family("qwen2_5_vl"), checkpoint="-", format_name="fp8_or_int8",
+                        formats=resolve_format("fp8_or_int8", both), scope="all-layers", size="small",
+                        effective_bits=8.5, device="cpu", batch_size=0, gpu_memory_gib=12.0)
+    two = batch_plan(two_spec, net, _samples(64), "cpu")
+    assert len(two_spec.formats) == 2 and two["batch_size"] < one["batch_size"]
+
+
+@pytest.mark.parametrize("family_name, outputs", [("qwen2_5_vl", 1), ("qwen3_vl", 2)])  # tiny Qwen3-VL: one deepstack level
+def test_lm_only_plans_keep_room_for_the_cached_image_features(family_name, outputs):
+    import transformers
+
+    from vlmsens.autoquant import cached_feature_bytes
+
+    family = get_family(family_name)
+    config = family.build_config("tiny")
+    model = transformers.AutoModelForImageTextToText.from_config(config)
+    samples = _samples(16, patches=64)
+    lm_only = CellSpec(model="m", family=family, checkpoint="-", format_name="wint8_aint8",
+                       formats=resolve_format("wint8_aint8", format_registry({})), scope="lm-only", size="small",
+                       effective_bits=8.5, device="cpu", batch_size=0, gpu_memory_gib=4.0)
+    vision = config.vision_config
+    expected = 16 * 64 / vision.spatial_merge_size**2 * vision.out_hidden_size * outputs * 4  # fp32 on the CPU
+    assert cached_feature_bytes(model, samples, lm_only) == expected > 0
+    all_layers = CellSpec(**{**lm_only.__dict__, "scope": "all-layers"})
+    assert cached_feature_bytes(model, samples, all_layers) == 0.0
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    plan = batch_plan(lm_only, model, samples, "cpu")
+    _, need = plan_batch_size(samples, memory_model_of(lm_only), (4.0 * GIB - weights - expected - MEMORY_MARGIN_GIB * GIB) / ALLOCATOR_OVERHEAD)
+    assert plan["predicted_peak_gib"] == round((weights + expected + need * ALLOCATOR_OVERHEAD) / GIB, 3)

@@ -31,6 +31,7 @@ from .logs import BatchProgress
 from .models import dtype_for, load_model, pick_device
 from .provenance import cpu_name
 from .scopes import get_scope
+from .vision_reuse import VisionFeatures
 
 log = logging.getLogger(__name__)
 
@@ -225,22 +226,42 @@ def batch_plan(spec: CellSpec, model, samples: list[dict], device: str) -> dict[
     if spec.gpu_memory_gib is None and not device.startswith("cuda"):
         size = max(1, CPU_AUTO_BATCH // halve)
         return {"policy": "auto", "batch_size": size, "reason": f"batch size {size} (auto on the CPU: no memory budget)"}
-    static = _resident_bytes(model, device)
+    resident = _resident_bytes(model, device)
+    static = resident + cached_feature_bytes(model, samples, spec)
     if spec.gpu_memory_gib is not None:
         cap, source = spec.gpu_memory_gib * 2**30, f"autoquant.gpu_memory_gib = {spec.gpu_memory_gib:g}"
     else:
         import torch
 
         free, total = torch.cuda.mem_get_info(torch.device(device))
-        cap, source = static + free, f"free memory of the card ({(static + free) / 2**30:.1f} of {total / 2**30:.1f} GiB)"
+        cap, source = resident + free, f"free memory of the card ({(resident + free) / 2**30:.1f} of {total / 2**30:.1f} GiB)"
     budget = (cap - static - MEMORY_MARGIN_GIB * 2**30) / ALLOCATOR_OVERHEAD
-    size, need = plan_batch_size(samples, spec.family.memory_model(spec.gradient_checkpointing), budget / halve)
+    size, need = plan_batch_size(samples, memory_model(spec), budget / halve)
     size = max(1, size)
     predicted = (static + need * ALLOCATOR_OVERHEAD) / 2**30
     return {"policy": "auto", "batch_size": size, "memory_cap_gib": round(cap / 2**30, 3),
             "predicted_peak_gib": round(predicted, 3), "halvings": spec.batch_halvings,
             "reason": f"batch size {size} (auto: predicted peak {predicted:.1f} GiB reserved within {source}, "
                       f"{MEMORY_MARGIN_GIB:g} GiB kept free" + (f", budget halved {spec.batch_halvings}× after out-of-memory" if spec.batch_halvings else "") + ")"}
+
+
+def memory_model(spec: CellSpec):
+    """The cell's search memory per token and patch: its family's, for its candidate formats and scope."""
+    return spec.family.memory_model(spec.gradient_checkpointing, n_formats=len(spec.formats),
+                                    searches_vision=get_scope(spec.scope).searches_vision)
+
+
+def cached_feature_bytes(model, samples: list[dict], spec: CellSpec) -> float:
+    """What an lm-only search's image features, made once per batch and kept for the whole search
+    (:class:`~vlmsens.vision_reuse.VisionFeatures`), hold: merged patches × the tower's outputs
+    (Qwen3-VL adds its deepstack features) in the model's dtype."""
+    if get_scope(spec.scope).searches_vision:
+        return 0.0
+    vision = model.config.vision_config
+    patches = sum(int(s["pixel_values"].shape[0]) for s in samples if "pixel_values" in s)
+    outputs = 1 + len(getattr(vision, "deepstack_visual_indexes", None) or [])
+    element = next(model.parameters()).element_size()
+    return patches / vision.spatial_merge_size**2 * vision.out_hidden_size * outputs * element
 
 
 def _resident_bytes(model, device: str) -> float:
@@ -278,6 +299,41 @@ def add_rope_positions(model, batch: dict) -> None:
     batch["position_ids"] = positions
 
 
+class ScoreDiffRelease:
+    """Free each module's quantization output differences once its score has taken them.
+
+    ModelOpt's gradient score keeps, per searched module, ``Q(Y) - Y`` of every candidate format
+    from the module's forward until its backward hook multiplies them with the output gradient,
+    and then never frees them: every module's differences stay alive until the next batch's
+    forward replaces them, and the last batch's after the search. At full size they are most of a
+    search's memory (about 2 MB per text token for Qwen2.5-VL-3B, the sum of all text blocks'
+    linear outputs). A second backward hook, registered after ModelOpt's so it runs after it,
+    empties the module's store; with gradient checkpointing only the block being recomputed then
+    holds differences, so the same memory holds several times larger batches. The scores are
+    the same numbers (``tests/test_autoquant.py``).
+    """
+
+    def __init__(self) -> None:
+        self.handles: dict[Any, Any] = {}
+
+    @staticmethod
+    def _release(module, grad_input, grad_output) -> None:
+        module.output_diff_dict = {}
+
+    def attach(self, model) -> int:
+        """Hook every module ModelOpt set up for scoring (it keeps a backward hook handle on it)."""
+        for module in model.modules():
+            if hasattr(module, "_backward_hook_handle") and module not in self.handles:
+                self.handles[module] = module.register_full_backward_hook(self._release)
+        return len(self.handles)
+
+    def detach(self) -> None:
+        for module, handle in self.handles.items():
+            handle.remove()
+            module.__dict__.pop("output_diff_dict", None)
+        self.handles.clear()
+
+
 def search(model, spec: CellSpec, batches: list[dict], clock: PhaseClock, num_score_steps: int | None = None):
     """``mtq.auto_quantize`` as a vlmsens cell runs it: returns (model, search_state, constraints, disabled).
 
@@ -286,17 +342,27 @@ def search(model, spec: CellSpec, batches: list[dict], clock: PhaseClock, num_sc
     import modelopt.torch.quantization as mtq
     import torch
 
+    release = ScoreDiffRelease()
+    # An lm-only search neither quantizes nor scores the vision tower: each batch's image features
+    # are made once and fed to every pass (its forwards, recomputations and backward skip the tower).
+    vision = VisionFeatures(model) if not get_scope(spec.scope).searches_vision else None
+
+    def model_inputs(batch):
+        return vision.inputs(id(batch), batch) if vision is not None else None
+
     def forward_step(model, batch):
         scoring = torch.is_inference_mode_enabled()
         clock.batch("score" if scoring else "calibrate")
         if not scoring:
             install_calibrators(model)  # before the quantizers of each format first collect
-        logits, _ = caption_logits(model, batch)
+        logits, _ = caption_logits(model, batch, model_inputs(batch))
         return logits
 
     def forward_backward_step(model, batch):
         clock.batch("score")
-        logits, targets = caption_logits(model, batch)
+        if not release.handles:
+            release.attach(model)
+        logits, targets = caption_logits(model, batch, model_inputs(batch))
         # Summed, not averaged: each caption token weighs the same whatever the batch composition.
         loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
         loss.backward()
@@ -332,6 +398,8 @@ def search(model, spec: CellSpec, batches: list[dict], clock: PhaseClock, num_sc
         raise VlmsensError(
             f"CUDA out of memory at batch size {len(batches[0]['input_ids'])}; a retry with a smaller batch may succeed ({err})"
         ) from err
+    finally:
+        release.detach()
     return model, search_state, constraints, disabled
 
 

@@ -35,14 +35,17 @@ QWEN_SPECIAL_TOKENS = (
 
 VISION_PATTERNS = ("*visual*",)
 NO_CHECKPOINTING_MEMORY_FACTOR = 2.4
+# ModelOpt's score keeps Q(Y) - Y of each searched linear layer, per candidate format, in the
+# model's dtype (bf16) until that layer's backward.
+DIFFERENCE_BYTES = 2
 
 
 @dataclass(frozen=True)
 class MemoryModel:
     """Peak GPU bytes of a cell's search phase: weights plus a cost per padded token and per image patch.
 
-    Measured per family on full-size checkpoints (bench/gpu_cell_bench.py, bench/RESULTS.md); the
-    score phase's peak grows linearly with a batch's padded tokens and its patches.
+    The score phase's peak grows linearly with a batch's padded tokens and its patches
+    (docs/DESIGN.md, "Batches sized by memory"; measured in bench/RESULTS.md).
     """
 
     bytes_per_token: float
@@ -95,20 +98,46 @@ class Family:
     video_processor_class: str
     image_processor_class: str = "Qwen2VLImageProcessorFast"
     # Activation memory of an AutoQuantize search on the full-size model (bf16, gradient method,
-    # gradient checkpointing on), per padded text token and per image patch of a batch; measured
-    # with bench/gpu_cell_bench.py --memory-fit (bench/RESULTS.md). Used to size batches.
-    memory_bytes_per_token: float = 0.0
-    memory_bytes_per_patch: float = 0.0
+    # gradient checkpointing on) per padded text token and per image patch of a batch, besides the
+    # score's quantization differences (:meth:`memory_model` adds those): the peaks measured with
+    # bench/gpu_cell_bench.py (bench/RESULTS.md, "Memory model") less every block's differences,
+    # which the search then held. Used to size batches.
+    activation_bytes_per_token: float = 0.0
+    activation_bytes_per_patch: float = 0.0
+    # Qwen2.5-VL's vision MLP is gated (gate, up, down); Qwen3-VL's has two layers (fc1, fc2).
+    vision_mlp_gated: bool = True
     vision_patterns: tuple[str, ...] = VISION_PATTERNS
     sublayer_rules: tuple[tuple[str, str], ...] = QWEN_SUBLAYER_RULES
     tie_word_embeddings: bool = True
     extra_config: dict[str, Any] = field(default_factory=dict)
 
-    def memory_model(self, gradient_checkpointing: bool = True):
-        """The search's activation memory per token and patch (without checkpointing every block's
-        activations stay alive: measured about 2.4× at batch 8)."""
-        factor = 1.0 if gradient_checkpointing else NO_CHECKPOINTING_MEMORY_FACTOR
-        return MemoryModel(self.memory_bytes_per_token * factor, self.memory_bytes_per_patch * factor)
+    def block_outputs(self) -> tuple[int, int]:
+        """Outputs of one full-size text block's linear layers per token, and of one vision block's per patch."""
+        text, vision = self.full_text, self.full_vision
+        head_dim = text.get("head_dim", text["hidden_size"] // text["num_attention_heads"])
+        qkv = head_dim * (text["num_attention_heads"] + 2 * text["num_key_value_heads"])
+        per_token = qkv + 2 * text["hidden_size"] + 2 * text["intermediate_size"]  # q k v, o and down, gate and up
+        mlp = (2 if self.vision_mlp_gated else 1) * vision["intermediate_size"] + vision["hidden_size"]
+        per_patch = 4 * vision["hidden_size"] + mlp  # qkv and proj, then the MLP
+        return per_token, per_patch
+
+    def memory_model(self, gradient_checkpointing: bool = True, n_formats: int = 1, searches_vision: bool = True):
+        """The search's memory per padded token and per patch.
+
+        With checkpointing, a block's quantization differences live only while the block is
+        recomputed in the backward pass (the cell frees each once scored), so one block's
+        differences per candidate format add to the activations. Without it every block's
+        activations and differences stay alive until the backward pass: measured about 2.4× the
+        checkpointed peak when every block's differences were held (batch 8).
+        """
+        per_token, per_patch = self.block_outputs()
+        token_diff = DIFFERENCE_BYTES * n_formats * per_token
+        patch_diff = DIFFERENCE_BYTES * n_formats * per_patch if searches_vision else 0.0
+        if gradient_checkpointing:
+            return MemoryModel(self.activation_bytes_per_token + token_diff, self.activation_bytes_per_patch + patch_diff)
+        layers, depth = self.full_text["num_hidden_layers"], self.full_vision["depth"]
+        return MemoryModel(NO_CHECKPOINTING_MEMORY_FACTOR * (self.activation_bytes_per_token + layers * token_diff),
+                           NO_CHECKPOINTING_MEMORY_FACTOR * (self.activation_bytes_per_patch + depth * patch_diff))
 
     def build_config(self, size: str, token_ids: dict[str, int] | None = None, vocab_size: int | None = None):
         """A transformers config of this family at ``size`` ('full' or 'tiny')."""
@@ -140,8 +169,10 @@ FAMILIES: dict[str, Family] = {
         needs_mm_token_type_ids=False,
         processor_class="Qwen2_5_VLProcessor",
         video_processor_class="Qwen2VLVideoProcessor",
-        memory_bytes_per_token=2.47e6,
-        memory_bytes_per_patch=0.95e6,
+        # measured 2.47 MB per token and 0.95 MB per patch with all 36 text and 32 vision blocks'
+        # differences held (2 B × 28,672 and 2 B × 13,240 outputs per block)
+        activation_bytes_per_token=0.41e6,
+        activation_bytes_per_patch=0.10e6,
         full_text=dict(
             vocab_size=151936,
             hidden_size=2048,
@@ -191,8 +222,11 @@ FAMILIES: dict[str, Family] = {
         needs_mm_token_type_ids=True,
         processor_class="Qwen3VLProcessor",
         video_processor_class="Qwen3VLVideoProcessor",
-        memory_bytes_per_token=2.67e6,
-        memory_bytes_per_patch=0.54e6,
+        # measured 2.67 MB per token and 0.54 MB per patch with all 36 text and 24 vision blocks'
+        # differences held (2 B × 30,720 and 2 B × 9,216 outputs per block)
+        activation_bytes_per_token=0.46e6,
+        activation_bytes_per_patch=0.10e6,
+        vision_mlp_gated=False,
         full_text=dict(
             vocab_size=151936,
             hidden_size=2560,

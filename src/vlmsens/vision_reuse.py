@@ -4,6 +4,8 @@ Validation measures dozens of configurations on the same held-out batches. Every
 that quantizes no vision group (all of them in an lm-only cell, most ablations of an all-layers
 cell) feeds the text tower the same image features, so they are computed on the first such
 forward and handed to the model through transformers' ``mm_encoder_outputs`` argument after that.
+An lm-only search does the same: its vision tower is neither quantized nor scored, so each
+batch's features are made once, without gradient, for every calibration and score pass.
 The vision tower is about 40 % of a Qwen-VL forward on COCO-sized images (docs/DESIGN.md, "Speed").
 """
 
@@ -14,7 +16,11 @@ from typing import Any
 
 
 class VisionFeatures:
-    """Image features of each batch (by its position in the batch list), as the unquantized tower makes them."""
+    """Image features of each batch (by a key the caller keeps per batch), as the unquantized tower makes them.
+
+    They are made without gradient (not in inference mode), so a search's backward pass may use
+    them: the text tower's gradients stop at them.
+    """
 
     def __init__(self, model):
         inner = getattr(model, "model", None)
@@ -23,7 +29,7 @@ class VisionFeatures:
                           and "mm_encoder_outputs" in inspect.signature(inner.forward).parameters)
         self._features: dict[int, Any] = {}
 
-    def inputs(self, index: int, batch: dict) -> dict:
+    def inputs(self, index: Any, batch: dict) -> dict:
         """The model inputs of batch ``index`` with its cached image features in place of its pixels."""
         import torch
 
@@ -32,7 +38,7 @@ class VisionFeatures:
             return inputs
         pixels = inputs.pop("pixel_values")
         if index not in self._features:
-            with torch.inference_mode():
+            with torch.no_grad():
                 self._features[index] = self.inner.get_image_features(pixels, inputs["image_grid_thw"], return_dict=True)
         inputs["mm_encoder_outputs"] = {"image": self._features[index]}
         return inputs
