@@ -411,14 +411,28 @@ def run_one(args) -> None:
 
 
 def prebuild_extensions(kinds: str = "int8,fp8") -> float:
-    """Build (or load from the cache) ModelOpt's CUDA extensions; returns seconds spent."""
+    """Build (or load from the cache) ModelOpt's CUDA extensions, and compile the Triton kernels each
+    format's fake quantization uses on a small bf16 layer; returns seconds spent. Both are one-time
+    costs of a host (cached on disk), paid here so that no timed cell pays them."""
     start = time.perf_counter()
+    import modelopt.torch.quantization as mtq
+    import torch
     from modelopt.torch.quantization import extensions
 
+    configs = []
     if "int8" in kinds:
         extensions.get_cuda_ext(raise_if_failed=True)
+        configs.append(mtq.INT8_DEFAULT_CFG)
     if "fp8" in kinds:
         extensions.get_cuda_ext_fp8(raise_if_failed=True)
+        configs.append(mtq.FP8_DEFAULT_CFG)
+    if torch.cuda.is_available():
+        for config in configs:
+            layer = torch.nn.Sequential(torch.nn.Linear(256, 256)).to("cuda", torch.bfloat16)
+            x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            mtq.quantize(layer, config, forward_loop=lambda m, x=x: m(x))
+            layer(x).float().sum().backward()
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
