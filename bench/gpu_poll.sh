@@ -13,4 +13,9 @@ mkdir -p "$OUT"
 cp -r "$S"/ratios "$S"/*-summary "$OUT/" 2>/dev/null
 cp "$S"/session.log "$S"/triton.tgz "$OUT/" 2>/dev/null
 for g in "$S"/grid*/; do [ -d "$g" ] && mkdir -p "$OUT/$(basename "$g")" && cp "$g"/*.log "$g"/runs.json "$OUT/$(basename "$g")/" 2>/dev/null; done
-grep -q '^== done' "$S/session.log"
+if ! grep -q '^== done' "$S/session.log"; then  # still running: what the grid has so far
+  for g in "$S"/grid*/; do [ -f "$g/runs.json" ] || [ -d "$g/results/benchmarks" ] && python3 bench/grid_bench.py summary \
+    --workdir "$g" --out "$OUT/partial-$(basename "$g")" | tail -40; done
+  grep -E 'of [0-9]+ steps' "$S"/grid*/snakemake-*.log 2>/dev/null | tail -1
+  exit 1
+fi
