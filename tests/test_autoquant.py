@@ -514,3 +514,39 @@ def test_lm_only_search_makes_image_features_once_per_batch_and_keeps_the_scores
     for layer in a:
         assert b[layer] == pytest.approx(a[layer], rel=1e-5, abs=1e-12), layer
     assert [g["selected_format"] for g in results[False]["groups"]] == [g["selected_format"] for g in results[True]["groups"]]
+
+
+def _amax(model) -> dict[str, torch.Tensor]:
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    return {name: m.amax.detach().clone() for name, m in model.named_modules()
+            if isinstance(m, TensorQuantizer) and getattr(m, "_amax", None) is not None}
+
+
+@pytest.mark.parametrize("method", ["gradient", "kl_div"])
+def test_calibration_only_search_calibrates_as_the_cell_and_scores_nothing(planted, subsets, demo_coco, method):
+    """validate and ladder re-create the cell's quantized model: the same amax for every quantizer,
+    with no score forward (a kl_div cell's per-group passes included)."""
+    from vlmsens.autoquant import PhaseClock, load_cell_model, search
+    from vlmsens.validation import RecipeSwitch
+
+    family = "qwen2_5_vl"
+    samples = _encoded(planted[family], subsets["small"], demo_coco, "all-layers")
+    spec = CellSpec(model="tiny", family=get_family(family), checkpoint=str(planted[family]), format_name="wint8_aint8",
+                    formats=resolve_format("wint8_aint8", format_registry({})), scope="all-layers", size="small",
+                    effective_bits=8.5, method=method, batch_size=4, device="cpu")
+    amax, forwards = {}, {}
+    for score in (True, False):
+        clock = PhaseClock(lambda _: None)
+        model, calib, *_ = load_cell_model(spec, samples, clock)
+        calls = []
+        model.model.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        model, state, *_ = search(model, spec, calib, clock, score=score)
+        layers = [name.removesuffix(".quant_recipe") for name, stat in state["candidate_stats"].items() if len(stat["formats"]) > 1]
+        RecipeSwitch(model, spec.formats, layers).apply(dict.fromkeys(layers, "wint8_aint8"))  # every group quantized
+        amax[score], forwards[score] = _amax(model), len(calls)
+    assert forwards[False] == len(calib)  # the calibration pass, nothing else
+    assert forwards[True] >= 2 * len(calib)
+    assert amax[True].keys() == amax[False].keys() and len(amax[True]) > 20
+    for name, value in amax[True].items():
+        assert torch.equal(value, amax[False][name]), name

@@ -305,7 +305,7 @@ def test_all_bf16_selection_does_no_damage_on_the_search_model(tiny_checkpoints,
                     effective_bits=8.5, batch_size=4, device="cpu")
     clock = PhaseClock(lambda _: None)
     model, calib, device, dtype, _ = load_cell_model(spec, load_samples(paths["calib"])[0], clock)
-    model, state, _, _ = search(model, spec, calib, clock, num_score_steps=1)
+    model, state, _, _ = search(model, spec, calib, clock, score=False)
     layers = [name.removesuffix(".quant_recipe") for name, stat in state["candidate_stats"].items() if len(stat["formats"]) > 1]
     switch = RecipeSwitch(model, spec.formats, layers)
     evaluator = Evaluator(model, device_batches(model, load_samples(paths["eval"])[0], 4, device, dtype))
@@ -552,7 +552,7 @@ def test_reused_vision_features_measure_what_a_full_forward_does(family, tiny_ch
                     effective_bits=8.5, batch_size=4, device="cpu")
     clock = PhaseClock(lambda _: None)
     model, calib, device, dtype, _ = load_cell_model(spec, load_samples(paths["calib"])[0], clock)
-    model, state, _, _ = search(model, spec, calib, clock, num_score_steps=1)
+    model, state, _, _ = search(model, spec, calib, clock, score=False)
     layers = [name.removesuffix(".quant_recipe") for name, stat in state["candidate_stats"].items() if len(stat["formats"]) > 1]
     text = [layer for layer in layers if tower_of(layer) == "text"]
     vision = [layer for layer in layers if tower_of(layer) == "vision"]

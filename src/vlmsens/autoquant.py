@@ -334,10 +334,14 @@ class ScoreDiffRelease:
         self.handles.clear()
 
 
-def search(model, spec: CellSpec, batches: list[dict], clock: PhaseClock, num_score_steps: int | None = None):
+def search(model, spec: CellSpec, batches: list[dict], clock: PhaseClock, score: bool = True):
     """``mtq.auto_quantize`` as a vlmsens cell runs it: returns (model, search_state, constraints, disabled).
 
-    Calibration uses every batch; scoring uses ``num_score_steps`` batches (default: every batch).
+    Calibration and scoring use every batch. ``score=False`` calibrates only, as the cell did, for
+    the jobs that re-create a cell's quantized model and never read its scores (validate, ladder):
+    ModelOpt's score loop then runs one step that computes nothing (the gradient method's, whatever
+    the cell's method: calibration is the same for both), so its scores are zero and its own
+    selection meaningless.
     """
     import modelopt.torch.quantization as mtq
     import torch
@@ -359,6 +363,8 @@ def search(model, spec: CellSpec, batches: list[dict], clock: PhaseClock, num_sc
         return logits
 
     def forward_backward_step(model, batch):
+        if not score:
+            return
         clock.batch("score")
         if not release.handles:
             release.attach(model)
@@ -377,8 +383,9 @@ def search(model, spec: CellSpec, batches: list[dict], clock: PhaseClock, num_sc
     n_steps = len(batches)
     # ModelOpt calibrates each format on every batch; the gradient method scores all formats in one
     # pass per batch (kl_div runs a pass per group and format: no total known in advance).
-    score_steps = min(num_score_steps or n_steps, n_steps)
-    clock.expected.update(calibrate=n_steps * len(formats_cfg), **({"score": score_steps} if spec.method == "gradient" else {}))
+    method = spec.method if score else "gradient"
+    score_steps = n_steps if score else 1
+    clock.expected.update(calibrate=n_steps * len(formats_cfg), **({"score": score_steps} if score and method == "gradient" else {}))
     try:
         with gradient_checkpointing(model, spec.gradient_checkpointing):
             model, search_state = mtq.auto_quantize(
@@ -387,11 +394,11 @@ def search(model, spec: CellSpec, batches: list[dict], clock: PhaseClock, num_sc
                 quantization_formats=formats_cfg,
                 data_loader=batches,
                 forward_step=forward_step,
-                forward_backward_step=forward_backward_step if spec.method == "gradient" else None,
+                forward_backward_step=forward_backward_step if method == "gradient" else None,
                 disabled_layers=disabled,
                 num_calib_steps=n_steps,
                 num_score_steps=score_steps,
-                method=spec.method,
+                method=method,
                 verbose=False,
             )
     except torch.cuda.OutOfMemoryError as err:

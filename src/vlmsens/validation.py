@@ -585,7 +585,7 @@ def run_validation(
     model, calib_batches, device, dtype, plan = load_cell_model(spec, calib_samples, clock)
     eval_batches = device_batches(model, eval_samples, inference_batch_size(plan, len(eval_samples)), device, dtype)
     clock.enter("calibrate", f"{len(calib_samples)} calibration samples, as the cell")
-    model, _, _, _ = search(model, spec, calib_batches, clock, num_score_steps=1)
+    model, _, _, _ = search(model, spec, calib_batches, clock, score=False)
     switch = RecipeSwitch(model, spec.formats, layers)
     evaluator = Evaluator(model, eval_batches)
     vision_layers = {g["layer"] for g in groups if g["tower"] == "vision"}
