@@ -489,7 +489,8 @@ def main(argv=None) -> int:
         batch = rest[0] if rest else args.batch
         checkpoint = build_checkpoint(family, args.size, args.workdir / f"{family}-{args.size}", args.device)
         result_file = args.out / f"{impl}-{family}-{fmt}-{scope}-{n}-b{batch}.json"
-        env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(warm_cache)}
+        # every implementation with the allocator setting a cell's job runs with (vlmsens.gpupool)
+        env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(warm_cache), "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
         cmd = [sys.executable, __file__, "--one", "--impl", impl, "--family", family, "--format", fmt, "--scope", scope,
                "--samples", n, "--checkpoint", str(checkpoint), "--result", str(result_file), "--size", args.size,
                "--device", args.device, "--batch", str(batch), "--gradient-checkpointing", args.gradient_checkpointing,
