@@ -27,7 +27,7 @@ def test_pair_bench_runs_both_settings_on_tiny_models(tmp_path):
         assert [j["cell"] for j in run["jobs"]] == ["wint8_aint8:all-layers", "wfp8_afp8:all-layers"]
         for job in run["jobs"]:
             assert job["slot_mode"] == "none" and job["gpu_slot"] is None  # no GPU here: nothing pinned
-            assert set(job["timings_s"]) == {"load", "calibrate", "score", "solve"}
+            assert set(job["timings_s"]) == {"read", "load", "calibrate", "score", "solve"}
             assert job["seconds"] > 0
     assert report["runs"]["gpu=1"]["overlap_s"] == 0.0
     assert report["runs"]["gpu=2"]["overlap_s"] > 0.0

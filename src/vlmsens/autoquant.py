@@ -421,13 +421,18 @@ def run_autoquant(
     *,
     progress: Callable[[str], None] = log.info,
     state_path: str | None = None,
+    read_s: float | None = None,
 ) -> dict[str, Any]:
-    """Run AutoQuantize on one cell and return the manifest body (scores, selection, timings)."""
+    """Run AutoQuantize on one cell and return the manifest body (scores, selection, timings).
+
+    ``read_s``: the time the caller spent reading ``samples`` from disk; the timings start with it
+    (phase ``read``), so that they hold all of the cell's work and a job's wall less them is its start-up.
+    """
     import torch
     from modelopt.torch.opt.utils import named_hparams
     from modelopt.torch.quantization.algorithms import QuantRecipe, QuantRecipeHparam
 
-    clock = PhaseClock(progress)
+    clock = PhaseClock(progress, times={"read": read_s} if read_s is not None else {})
     model, batches, device, dtype, plan = load_cell_model(spec, samples, clock)
     stats = batch_stats(batches)
     n_steps = len(batches)

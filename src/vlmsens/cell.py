@@ -112,13 +112,16 @@ def run_cell(
                      formats_cfg=formats_cfg, scope=scope, size=size, autoquant_cfg=autoquant_cfg,
                      batch_size=batch_size, batch_halvings=batch_halvings, seed=seed)
     formats = spec.formats
+    checksums = provenance.InputChecksums({"samples": samples_path, "calib_db": calib_db})
+    read_started = time.perf_counter()
     samples, samples_meta = load_samples(samples_path)
+    read_s = time.perf_counter() - read_started
     inputs = _samples_inputs(samples_path, samples_meta, scope)
     _, db_meta = read_calib_db(calib_db)
     progress(f"cell {model_name}/{format_name}/{scope}/{size}: {len(samples)} {inputs} samples, batch size {batch_size or 'auto'}")
 
     with atomic_path(outputs["state"]) as state_tmp:
-        result = run_autoquant(spec, samples, progress=progress, state_path=str(state_tmp))
+        result = run_autoquant(spec, samples, progress=progress, state_path=str(state_tmp), read_s=read_s)
         manifest = {
             "schema_version": 1,
             "cell": {
@@ -147,9 +150,7 @@ def run_cell(
             "dataset": {**db_meta, "calib_db": str(calib_db), "samples_file": str(samples_path)},
             **result,
         }
-        manifest["provenance"] = provenance.collect(
-            {"samples": samples_path, "calib_db": calib_db}, checkpoint=checkpoint
-        )
+        manifest["provenance"] = provenance.collect(checksums, checkpoint=checkpoint)
         manifest["provenance"]["wall_time_s"] = round(time.perf_counter() - started, 3)
         if job_started is not None:
             manifest["provenance"]["job_wall_s"] = round(time.time() - job_started, 3)

@@ -7,6 +7,7 @@ import importlib.metadata
 import platform
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import __version__
@@ -71,13 +72,33 @@ def checkpoint_fingerprint(checkpoint: str) -> dict[str, object]:
     }
 
 
-def collect(inputs: dict[str, str], checkpoint: str | None = None) -> dict[str, object]:
+class InputChecksums:
+    """The sha256 of a job's input files, computed on a thread from the moment the job names them.
+
+    A large cell's samples file is a few GB; hashing it took seconds of the job's wall time before
+    the cell's work began. ``hashlib`` releases the GIL while it hashes large blocks, so the thread
+    runs beside the job's own work; :meth:`result` waits for it when the provenance is written.
+    """
+
+    def __init__(self, inputs: dict[str, str]):
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmsens-checksums")
+        self._future = executor.submit(lambda: {name: sha256_file(path) for name, path in sorted(inputs.items())})
+        executor.shutdown(wait=False)
+
+    def result(self) -> dict[str, str]:
+        return self._future.result()
+
+
+def collect(inputs: dict[str, str] | InputChecksums, checkpoint: str | None = None) -> dict[str, object]:
+    """``inputs``: name → path of each input file, or their checksums already under way."""
+    checksums = inputs.result() if isinstance(inputs, InputChecksums) else {
+        name: sha256_file(path) for name, path in sorted(inputs.items())}
     return {
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
         "platform": platform.platform(),
         "packages": package_versions(),
         "git": git_revision(),
-        "inputs_sha256": {name: sha256_file(path) for name, path in sorted(inputs.items())},
+        "inputs_sha256": checksums,
         **({"checkpoint": checkpoint_fingerprint(checkpoint)} if checkpoint else {}),
     }
