@@ -23,18 +23,15 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from .autoquant import NO_QUANT, CellSpec, PhaseClock, _device_info, _peak_memory, device_batches, inference_batch_size
+from .autoquant import NO_QUANT, CellSpec, PhaseClock
 from .batches import batch_stats
 from .config import LadderSettings
 from .errors import VlmsensError
 from .recipes import bits_of, bits_range, cost_model, greedy_upgrades, is_nested, nested_selection, score_of, solve_budget
 from .validation import (
-    Evaluator,
-    RecipeSwitch,
-    load_cell_model,
+    HeldOutModel,
     random_recipe_same_budget,
     ranking_format,
-    search,
     uniform_selection,
     without_per_sample,
 )
@@ -102,27 +99,11 @@ def run_ladder(
 
     clock = PhaseClock(progress)
     plan = ladder_plan(manifest, settings, np.random.default_rng(settings.seed))
-    layers = [g["layer"] for g in manifest["groups"]]
-
-    model, calib_batches, device, dtype, batch_plan = load_cell_model(spec, calib_samples, clock)
-    eval_batches = device_batches(model, eval_samples, inference_batch_size(batch_plan, len(eval_samples)), device, dtype)
-    clock.enter("calibrate", f"{len(calib_samples)} calibration samples, as the cell")
-    model, _, _, _ = search(model, spec, calib_batches, clock, score=False)
-    switch = RecipeSwitch(model, spec.formats, layers)
-    evaluator = Evaluator(model, eval_batches)
-    vision_layers = {g["layer"] for g in manifest["groups"] if g["tower"] == "vision"}
-
-    clock.enter("reference", f"BF16 on {len(eval_samples)} held-out samples")
-    switch.apply(plan["bf16"])
-    reference_loss = evaluator.set_reference()
-    n_measured = 0
+    held_out = HeldOutModel(spec, manifest, calib_samples, eval_samples, clock)
+    reference_loss = held_out.set_reference(plan["bf16"])
 
     def measure(selection: dict[str, str]) -> dict[str, Any]:
-        nonlocal n_measured
-        switch.apply(selection)
-        evaluator.vision_bf16 = all(selection.get(layer, NO_QUANT) == NO_QUANT for layer in vision_layers)
-        n_measured += 1
-        return {**without_per_sample(evaluator.measure()), **describe(manifest, selection)}
+        return {**without_per_sample(held_out.measure(selection)), **describe(manifest, selection)}
 
     clock.enter("ladder", f"{len(plan['rungs'])} budgets × (optimal, nested, {settings.random_draws} random) + uniform")
     uniform = measure(plan["uniform"])
@@ -143,23 +124,20 @@ def run_ladder(
         })
         progress(f"ladder: {rung['budget_bits']:g} bits: KL optimal {optimal['kl']:.4g} ({optimal['bits']:.3f} bits), "
                  f"nested {nested['kl']:.4g} ({nested['bits']:.3f}), random mean {_mean(draws).get('kl', float('nan')):.4g}")
-    switch.apply(plan["bf16"])
+    held_out.switch.apply(plan["bf16"])
 
     low, high = bits_range(manifest)
     return {
         "ranking_format": plan["ranking_format"],
-        "n_groups": len(layers),
+        "n_groups": len(manifest["groups"]),
         "damage_measure": "KL divergence BF16 → quantized, per caption token (nats)",
         "settings": asdict(settings),
         "bits_range": [low, high],
-        "eval": {**batch_stats(eval_batches), "bf16_loss": reference_loss, "tokens": sum(evaluator.tokens),
-                 "configurations_measured": n_measured},
+        "eval": {**batch_stats(held_out.eval_batches), "bf16_loss": reference_loss, "tokens": sum(held_out.evaluator.tokens),
+                 "configurations_measured": held_out.measured},
         "uniform": uniform,
         "bf16": {"bits": high, "kl": 0.0, "loss_increase": 0.0},
         "rungs": rungs,
         "nested_is_nested": is_nested([r["nested"] for r in plan["rungs"]], manifest),
-        "device": _device_info(device),
-        "dtype": str(dtype).removeprefix("torch."),
-        "timings_s": clock.stop(),
-        "peak_memory": _peak_memory(device),
+        **held_out.run_record(clock),
     }

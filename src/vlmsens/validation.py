@@ -558,6 +558,47 @@ def _quantized(selection: dict[str, str]) -> int:
     return sum(v != NO_QUANT for v in selection.values())
 
 
+class HeldOutModel:
+    """The cell's model calibrated as the cell was, its searched groups switchable, measured on held-out batches.
+
+    What validate and ladder share: load the cell's checkpoint and batches, calibrate on the cell's
+    samples without scoring, batch the held-out samples for inference, and measure configurations
+    (format per group) against the BF16 reference, reusing the vision tower's features while a
+    configuration leaves the tower BF16.
+    """
+
+    def __init__(self, spec: CellSpec, manifest: dict[str, Any], calib_samples: list[dict], eval_samples: list[dict],
+                 clock: PhaseClock):
+        model, calib_batches, self.device, self.dtype, plan = load_cell_model(spec, calib_samples, clock)
+        self.eval_batches = device_batches(model, eval_samples, inference_batch_size(plan, len(eval_samples)),
+                                           self.device, self.dtype)
+        clock.enter("calibrate", f"{len(calib_samples)} calibration samples, as the cell")
+        model, _, _, _ = search(model, spec, calib_batches, clock, score=False)
+        self.switch = RecipeSwitch(model, spec.formats, [g["layer"] for g in manifest["groups"]])
+        self.evaluator = Evaluator(model, self.eval_batches)
+        self.vision_layers = {g["layer"] for g in manifest["groups"] if g["tower"] == "vision"}
+        self.measured = 0
+        self._clock = clock
+
+    def set_reference(self, selection: dict[str, str]) -> float:
+        """Measure the reference configuration (``selection``, all BF16 in effect); returns its loss."""
+        self._clock.enter("reference", f"BF16 on {sum(int(b['input_ids'].shape[0]) for b in self.eval_batches)} held-out samples")
+        self.switch.apply(selection)
+        return self.evaluator.set_reference()
+
+    def measure(self, selection: dict[str, str]) -> dict[str, Any]:
+        """KL to the reference and loss of ``selection`` (groups not named stay BF16), per sample too."""
+        self.switch.apply(selection)
+        self.evaluator.vision_bf16 = all(selection.get(layer, NO_QUANT) == NO_QUANT for layer in self.vision_layers)
+        self.measured += 1
+        return self.evaluator.measure()
+
+    def run_record(self, clock: PhaseClock) -> dict[str, Any]:
+        """Where and how long it ran: device, dtype, the phases' times, peak memory."""
+        return {"device": _device_info(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                "timings_s": clock.stop(), "peak_memory": _peak_memory(self.device)}
+
+
 def run_validation(
     spec: CellSpec,
     manifest: dict[str, Any],
@@ -582,26 +623,13 @@ def run_validation(
     share = weight_share(manifest)
     weight_tolerance = min(share.values())
 
-    model, calib_batches, device, dtype, plan = load_cell_model(spec, calib_samples, clock)
-    eval_batches = device_batches(model, eval_samples, inference_batch_size(plan, len(eval_samples)), device, dtype)
-    clock.enter("calibrate", f"{len(calib_samples)} calibration samples, as the cell")
-    model, _, _, _ = search(model, spec, calib_batches, clock, score=False)
-    switch = RecipeSwitch(model, spec.formats, layers)
-    evaluator = Evaluator(model, eval_batches)
-    vision_layers = {g["layer"] for g in groups if g["tower"] == "vision"}
-
-    clock.enter("reference", f"BF16 on {len(eval_samples)} held-out samples")
-    switch.apply({})
-    reference_loss = evaluator.set_reference()
+    held_out = HeldOutModel(spec, manifest, calib_samples, eval_samples, clock)
+    reference_loss = held_out.set_reference({})
+    evaluator = held_out.evaluator
     boot = Bootstrap(evaluator.tokens, settings.bootstrap_resamples, settings.seed)
-    n_measured = 0
 
     def measure(selection: dict[str, str]) -> dict[str, Any]:
-        nonlocal n_measured
-        switch.apply(selection)
-        evaluator.vision_bf16 = all(selection.get(layer, NO_QUANT) == NO_QUANT for layer in vision_layers)
-        n_measured += 1
-        return {**evaluator.measure(), "bits": bits_of(manifest, selection, costs), "quantized_groups": _quantized(selection)}
+        return {**held_out.measure(selection), "bits": bits_of(manifest, selection, costs), "quantized_groups": _quantized(selection)}
 
     def measure_set(chosen: list[str], fraction: float) -> dict[str, Any]:
         weight = sum(share[layer] for layer in chosen)
@@ -672,7 +700,7 @@ def run_validation(
     random_recipes = [within(measure(random_recipe_same_budget(manifest, fmt, recipe["bits"], rng)))
                       for _ in range(settings.random_draws)]
     size_recipe = within(measure(size_only_recipe(manifest, fmt, recipe["bits"])))
-    switch.apply({})
+    held_out.switch.apply({})
     compared = [r for r in random_recipes if r["within_tolerance"]]
     random_over_recipe, random_over_recipe_ci = ({m: None for m in MEASURES}, {m: [math.nan, math.nan] for m in MEASURES})
     if compared:
@@ -684,14 +712,13 @@ def run_validation(
             random_over_recipe_ci[DAMAGE] = [1 / hi if hi > 0 else math.nan, 1 / lo if lo > 0 else math.nan]
     size_vs = ratio(size_recipe["kl"], recipe["kl"]) if size_recipe["within_tolerance"] else None
 
-    peak = _peak_memory(device)
     result = {
         "ranking_format": fmt,
         "n_groups": len(layers),
         "damage_measure": "KL divergence BF16 → quantized, per caption token (nats)",
         "settings": asdict(settings),
-        "eval": {**batch_stats(eval_batches), "bf16_loss": reference_loss, "configurations_measured": n_measured,
-                 "tokens_per_sample": evaluator.tokens},
+        "eval": {**batch_stats(held_out.eval_batches), "bf16_loss": reference_loss,
+                 "configurations_measured": held_out.measured, "tokens_per_sample": evaluator.tokens},
         "intervals": {
             "confidence": CONFIDENCE,
             "method": "percentile bootstrap",
@@ -720,10 +747,7 @@ def run_validation(
             "size_only": {**size_recipe, "ratio_to_recipe_kl": size_vs},
             "recipe_vs_uniform_kl": ratio(recipe["kl"], uniform["kl"]),
         },
-        "device": _device_info(device),
-        "dtype": str(dtype).removeprefix("torch."),
-        "timings_s": clock.stop(),
-        "peak_memory": peak,
+        **held_out.run_record(clock),
     }
     result["verdict"] = verdict(result)
     progress(result["verdict"])
