@@ -161,6 +161,17 @@ def solve_budget(manifest: dict[str, Any], budget_bits: float, model: CostModel 
     return solve_min_score(manifest, budget_bits, model)
 
 
+def _settled_without_search(manifest: dict[str, Any], budget_bits: float, model: CostModel) -> Solution | None:
+    """What either rule answers before it searches: nothing to choose, or a budget below the
+    fewest achievable bits (the most compressed recipe, marked infeasible); None otherwise."""
+    if not manifest["groups"]:
+        return Solution({}, True, "no searched groups")
+    low_bits, _ = bits_range(manifest, model)
+    if low_bits > budget_bits * (1 + BUDGET_RTOL):
+        return Solution(cheapest_selection(manifest), False, f"infeasible: the fewest achievable effective bits are {low_bits:.4f}")
+    return None
+
+
 # ModelOpt's KL-divergence searcher bisects its threshold a fixed number of times.
 THRESHOLD_ITERATIONS = 100
 
@@ -175,11 +186,8 @@ def solve_threshold(manifest: dict[str, Any], budget_bits: float, model: CostMod
     """
     model = model or cost_model(manifest)
     groups = manifest["groups"]
-    if not groups:
-        return Solution({}, True, "no searched groups")
-    low_bits, _ = bits_range(manifest, model)
-    if low_bits > budget_bits * (1 + BUDGET_RTOL):
-        return Solution(cheapest_selection(manifest), False, f"infeasible: the fewest achievable effective bits are {low_bits:.4f}")
+    if (settled := _settled_without_search(manifest, budget_bits, model)) is not None:
+        return settled
     choices = [(g, choices_of(g)) for g in groups]
     scores = [choice_score(g, c) for g, options in choices for c in options]
     max_cost = model.max_selected_cost(budget_bits)
@@ -216,11 +224,8 @@ def solve_min_score(manifest: dict[str, Any], budget_bits: float, model: CostMod
 
     model = model or cost_model(manifest)
     groups = manifest["groups"]
-    if not groups:
-        return Solution({}, True, "no searched groups")
-    low_bits, _ = bits_range(manifest, model)
-    if low_bits > budget_bits * (1 + BUDGET_RTOL):
-        return Solution(cheapest_selection(manifest), False, f"infeasible: the fewest achievable effective bits are {low_bits:.4f}")
+    if (settled := _settled_without_search(manifest, budget_bits, model)) is not None:
+        return settled
     index = [(gi, choice) for gi, g in enumerate(groups) for choice in choices_of(g)]
     scores = np.array([choice_score(groups[gi], c) for gi, c in index], dtype=float)
     costs = np.array([float(groups[gi]["costs"][c]) for gi, c in index], dtype=float)
