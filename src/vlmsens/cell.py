@@ -209,16 +209,8 @@ def validate_cell(
     **cell: Any,
 ) -> dict[str, Any]:
     """Measure whether the cell's ranking predicts real damage; writes validation.json and .md."""
-    started = time.perf_counter()
-    manifest = json.loads(Path(manifest_path).read_text())
-    spec = _as_calibrated(manifest, cell)
-    calib, calib_meta, held_out, eval_meta, inputs = _held_out_pair(spec, manifest, manifest_path, samples_path, eval_samples_path)
-    settings = ValidationSettings.from_config(validation_cfg, spec.seed)
-    progress(f"validate {spec.model}/{spec.format_name}/{spec.scope}/{spec.size}: {len(calib)} calibration, "
-             f"{len(held_out)} held-out samples")
-    body = run_validation(spec, manifest, calib, held_out, settings, progress=progress)
-    doc = _held_out_doc(spec, manifest, body, inputs, (manifest_path, samples_path, eval_samples_path),
-                        (calib_meta, eval_meta), started)
+    doc = _held_out_job("validate", cell, (manifest_path, samples_path, eval_samples_path),
+                        lambda seed: ValidationSettings.from_config(validation_cfg, seed), run_validation, progress)
     atomic_write_text(outputs["markdown"], validation_doc(doc).to_markdown())
     atomic_write_json(outputs["json"], doc)
     return doc
@@ -235,18 +227,28 @@ def ladder_cell(
     **cell: Any,
 ) -> dict[str, Any]:
     """Measure the cell's recipes across a ladder of budgets on the held-out samples; writes ladder.json."""
+    doc = _held_out_job("ladder", cell, (manifest_path, samples_path, eval_samples_path),
+                        lambda seed: LadderSettings.from_config(ladder_cfg, seed), run_ladder, progress,
+                        detail=lambda settings: f", {len(settings.bits_above_uniform)} rungs")
+    atomic_write_json(outputs["json"], doc)
+    return doc
+
+
+def _held_out_job(job: str, cell: dict[str, Any], paths: tuple[str, str, str], settings_for: Callable[[int], Any],
+                  run: Callable[..., dict[str, Any]], progress: Callable[[str], None],
+                  detail: Callable[[Any], str] = lambda settings: "") -> dict[str, Any]:
+    """What validate and ladder do around their measurement: read the cell's manifest and samples
+    (checked as one pair), build their settings, run ``run`` and wrap its body into the document."""
     started = time.perf_counter()
+    manifest_path, samples_path, eval_samples_path = paths
     manifest = json.loads(Path(manifest_path).read_text())
     spec = _as_calibrated(manifest, cell)
     calib, calib_meta, held_out, eval_meta, inputs = _held_out_pair(spec, manifest, manifest_path, samples_path, eval_samples_path)
-    settings = LadderSettings.from_config(ladder_cfg, spec.seed)
-    progress(f"ladder {spec.model}/{spec.format_name}/{spec.scope}/{spec.size}: {len(calib)} calibration, "
-             f"{len(held_out)} held-out samples, {len(settings.bits_above_uniform)} rungs")
-    body = run_ladder(spec, manifest, calib, held_out, settings, progress=progress)
-    doc = _held_out_doc(spec, manifest, body, inputs, (manifest_path, samples_path, eval_samples_path),
-                        (calib_meta, eval_meta), started)
-    atomic_write_json(outputs["json"], doc)
-    return doc
+    settings = settings_for(spec.seed)
+    progress(f"{job} {spec.model}/{spec.format_name}/{spec.scope}/{spec.size}: {len(calib)} calibration, "
+             f"{len(held_out)} held-out samples{detail(settings)}")
+    body = run(spec, manifest, calib, held_out, settings, progress=progress)
+    return _held_out_doc(spec, manifest, body, inputs, paths, (calib_meta, eval_meta), started)
 
 
 def export_cell(

@@ -139,5 +139,5 @@ def run_ladder(
         "bf16": {"bits": high, "kl": 0.0, "loss_increase": 0.0},
         "rungs": rungs,
         "nested_is_nested": is_nested([r["nested"] for r in plan["rungs"]], manifest),
-        **held_out.run_record(clock),
+        **held_out.run_record(),
     }

@@ -593,10 +593,10 @@ class HeldOutModel:
         self.measured += 1
         return self.evaluator.measure()
 
-    def run_record(self, clock: PhaseClock) -> dict[str, Any]:
-        """Where and how long it ran: device, dtype, the phases' times, peak memory."""
+    def run_record(self) -> dict[str, Any]:
+        """Where and how long it ran: device, dtype, the phases' times (the clock stops), peak memory."""
         return {"device": _device_info(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-                "timings_s": clock.stop(), "peak_memory": _peak_memory(self.device)}
+                "timings_s": self._clock.stop(), "peak_memory": _peak_memory(self.device)}
 
 
 def run_validation(
@@ -747,7 +747,7 @@ def run_validation(
             "size_only": {**size_recipe, "ratio_to_recipe_kl": size_vs},
             "recipe_vs_uniform_kl": ratio(recipe["kl"], uniform["kl"]),
         },
-        **held_out.run_record(clock),
+        **held_out.run_record(),
     }
     result["verdict"] = verdict(result)
     progress(result["verdict"])
