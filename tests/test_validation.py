@@ -285,23 +285,22 @@ def test_evaluator_measures_kl_from_bf16_to_quantized(monkeypatch):
     assert measured["loss_increase"] == pytest.approx(loss - bf16_loss, rel=1e-5)
 
 
-def test_all_bf16_selection_does_no_damage_on_the_search_model(tiny_checkpoints, dbs, demo_coco, tmp_path):
-    """The per-group switch really restores BF16: after quantizing every group, all-BF16 gives KL = Δloss = 0."""
+def _calibrated_search_model(checkpoint, family, dbs, demo_coco, tmp_path, scope, inputs):
+    """A tiny cell's search model calibrated on the calib subset, its searched groups, their switch and
+    an evaluator on the eval subset (batches of 4)."""
     from vlmsens.autoquant import CellSpec, PhaseClock, device_batches, load_cell_model, search
     from vlmsens.batches import load_samples
     from vlmsens.families import get_family
     from vlmsens.formats import format_registry, resolve_format
     from vlmsens.validation import Evaluator, RecipeSwitch
 
-    family = "qwen3_vl"
-    checkpoint = tiny_checkpoints[family]
     paths = {}
     for name in ("calib", "eval"):
         paths[name] = tmp_path / f"{name}.pt"
-        prepare_samples(checkpoint=str(checkpoint), calib_db=str(dbs[name]), coco_root=str(demo_coco), scope="lm-only",
-                        inputs="caption-only", prompts=PROMPTS, out_path=str(paths[name]), progress=lambda _: None)
+        prepare_samples(checkpoint=str(checkpoint), calib_db=str(dbs[name]), coco_root=str(demo_coco), scope=scope,
+                        inputs=inputs, prompts=PROMPTS, out_path=str(paths[name]), progress=lambda _: None)
     spec = CellSpec(model="tiny", family=get_family(family), checkpoint=str(checkpoint), format_name="wint8_aint8",
-                    formats=resolve_format("wint8_aint8", format_registry({})), scope="lm-only", size="small",
+                    formats=resolve_format("wint8_aint8", format_registry({})), scope=scope, size="small",
                     effective_bits=8.5, batch_size=4, device="cpu")
     clock = PhaseClock(lambda _: None)
     model, calib, device, dtype, _ = load_cell_model(spec, load_samples(paths["calib"])[0], clock)
@@ -309,6 +308,14 @@ def test_all_bf16_selection_does_no_damage_on_the_search_model(tiny_checkpoints,
     layers = [name.removesuffix(".quant_recipe") for name, stat in state["candidate_stats"].items() if len(stat["formats"]) > 1]
     switch = RecipeSwitch(model, spec.formats, layers)
     evaluator = Evaluator(model, device_batches(model, load_samples(paths["eval"])[0], 4, device, dtype))
+    return layers, switch, evaluator
+
+
+def test_all_bf16_selection_does_no_damage_on_the_search_model(tiny_checkpoints, dbs, demo_coco, tmp_path):
+    """The per-group switch really restores BF16: after quantizing every group, all-BF16 gives KL = Δloss = 0."""
+    family = "qwen3_vl"
+    layers, switch, evaluator = _calibrated_search_model(tiny_checkpoints[family], family, dbs, demo_coco, tmp_path,
+                                                          "lm-only", "caption-only")
     switch.apply({})
     bf16_loss = evaluator.set_reference()
     switch.apply(dict.fromkeys(layers, "wint8_aint8"))
@@ -535,30 +542,14 @@ def test_validation_report_shows_intervals_sizes_bits_and_towers(planted, dbs, d
 def test_reused_vision_features_measure_what_a_full_forward_does(family, tiny_checkpoints, dbs, demo_coco, tmp_path):
     """Image features computed once (vlmsens.vision_reuse) give the same KL and loss as recomputing the
     BF16 tower, for text-only configurations; with a vision group quantized the tower is recomputed."""
-    from vlmsens.autoquant import CellSpec, PhaseClock, device_batches, load_cell_model, search
-    from vlmsens.batches import load_samples
-    from vlmsens.families import get_family, tower_of
-    from vlmsens.formats import format_registry, resolve_format
-    from vlmsens.validation import Evaluator, RecipeSwitch, without_per_sample
+    from vlmsens.families import tower_of
+    from vlmsens.validation import without_per_sample
 
-    checkpoint = tiny_checkpoints[family]
-    paths = {}
-    for name in ("calib", "eval"):
-        paths[name] = tmp_path / f"{name}.pt"
-        prepare_samples(checkpoint=str(checkpoint), calib_db=str(dbs[name]), coco_root=str(demo_coco), scope="all-layers",
-                        inputs="image+caption", prompts=PROMPTS, out_path=str(paths[name]), progress=lambda _: None)
-    spec = CellSpec(model="tiny", family=get_family(family), checkpoint=str(checkpoint), format_name="wint8_aint8",
-                    formats=resolve_format("wint8_aint8", format_registry({})), scope="all-layers", size="small",
-                    effective_bits=8.5, batch_size=4, device="cpu")
-    clock = PhaseClock(lambda _: None)
-    model, calib, device, dtype, _ = load_cell_model(spec, load_samples(paths["calib"])[0], clock)
-    model, state, _, _ = search(model, spec, calib, clock, score=False)
-    layers = [name.removesuffix(".quant_recipe") for name, stat in state["candidate_stats"].items() if len(stat["formats"]) > 1]
+    layers, switch, evaluator = _calibrated_search_model(tiny_checkpoints[family], family, dbs, demo_coco, tmp_path,
+                                                          "all-layers", "image+caption")
     text = [layer for layer in layers if tower_of(layer) == "text"]
     vision = [layer for layer in layers if tower_of(layer) == "vision"]
     assert text and vision
-    switch = RecipeSwitch(model, spec.formats, layers)
-    evaluator = Evaluator(model, device_batches(model, load_samples(paths["eval"])[0], 4, device, dtype))
     assert evaluator.vision.supported
     switch.apply({})
     evaluator.vision_bf16 = True
