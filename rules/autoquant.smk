@@ -13,6 +13,7 @@ rule prepare_samples:
         coco_root=coco_root(),
         inputs=lambda wildcards: calibration_inputs(config, wildcards.scope),
         prompts=lambda wildcards: prompt_settings(config, wildcards.scope),
+    priority: samples_priority
     threads: 1
     log:
         f"{LOGS}/prepare_samples/{{model}}/{{scope}}/{{size}}.log",
@@ -44,7 +45,9 @@ rule autoquant:
         seed=config["seed"],
         extensions_cache=f"{OUT}/.cache/torch_extensions",
         gpu_locks=f"{OUT}/.locks/gpu",
-    threads: 2
+    # One core: the GPU does the work, and a GPU job asking for two waits until two cores are free
+    # at once, which never happens while single-core CPU jobs (sample encoding) queue for them.
+    threads: 1
     resources:
         gpu=1,
         mem_mb=64000,

@@ -113,6 +113,12 @@ def checkpoint_of(wildcards):
     return config["models"][wildcards.model]["checkpoint"]
 
 
+def samples_priority(wildcards):
+    """The smallest calibration subset is encoded first: the GPU's first cells need only it, so the GPU starts within seconds."""
+    smallest = min(GRID["sizes"], key=lambda size: config["sizes"][size])
+    return 1 if wildcards.size == smallest else 0
+
+
 def batch_size_for_attempt(wildcards, attempt):
     """Each retry halves the batch (0 means auto); only a CUDA out-of-memory failure is retried (attempt_number)."""
     size = SETTINGS.autoquant.batch_size

@@ -43,7 +43,7 @@ rule validate:
         seed=config["seed"],
         extensions_cache=f"{OUT}/.cache/torch_extensions",
         gpu_locks=f"{OUT}/.locks/gpu",
-    threads: 2
+    threads: 1  # a GPU job: see rule autoquant
     resources:
         gpu=1,
         mem_mb=64000,
