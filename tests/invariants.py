@@ -128,6 +128,12 @@ def check_validation(doc: dict[str, Any], manifest: dict[str, Any]) -> None:
     n_draws = doc["settings"]["random_draws"]
     expected = len(doc["top_k"]) * (4 + n_draws) + len(rows) + 3 + n_draws
     assert doc["eval"]["configurations_measured"] == expected
+    # Each configuration's batches went through every text layer or skipped a prefix of them; the
+    # uniform configuration quantizes text layer 0, so never everything was skipped.
+    ev = doc["eval"]
+    text_layers = 1 + max(g["block"] for g in manifest["groups"] if g["tower"] == "text")
+    assert ev["text_layer_forwards"] == ev["configurations_measured"] * ev["batches"] * text_layers
+    assert 0 <= ev["text_layer_forwards_skipped"] < ev["text_layer_forwards"]
 
 
 def check_interval(value: float | None, interval: list[float], doc: dict[str, Any]) -> None:

@@ -188,6 +188,7 @@ def test_validation_files_schema_and_provenance(planted, dbs, demo_coco, tmp_pat
     assert all(len(r["random"]["draws"]) == 5 for r in on_disk["top_k"])
     assert on_disk["ablations"]["correlation"]["kl"]["n"] == min(24, on_disk["n_groups"])
     assert on_disk["eval"]["samples"] == 12 and on_disk["eval"]["loss_tokens"] > 0
+    assert 0 < on_disk["eval"]["text_layer_forwards_skipped"] < on_disk["eval"]["text_layer_forwards"]
     assert set(on_disk["timings_s"]) >= {"load", "calibrate", "reference", "top-k", "ablations", "end-to-end"}
     assert {"packages", "git", "inputs_sha256", "wall_time_s"} <= set(on_disk["provenance"])
     assert set(on_disk["provenance"]["inputs_sha256"]) == {"manifest", "samples", "held_out_samples"}
@@ -325,6 +326,31 @@ def test_all_bf16_selection_does_no_damage_on_the_search_model(tiny_checkpoints,
     again = evaluator.measure()
     assert without_per_sample(again) == {"loss": bf16_loss, "loss_increase": 0.0, "kl": 0.0}
     assert set(again["per_sample"]["kl"]) == {0.0} and len(again["per_sample"]["kl"]) == len(evaluator.tokens)
+
+
+def test_text_prefix_reuse_is_off_where_layers_are_not_found_or_return_tuples():
+    """No text decoder layers, or layers returning a tuple (older transformers): nothing recorded, nothing skipped."""
+    import torch
+
+    from vlmsens.prefix_reuse import TextPrefixReuse
+
+    class Layer(torch.nn.Module):
+        def forward(self, hidden_states, **kwargs):
+            return (hidden_states + 1,)
+
+    assert not TextPrefixReuse(torch.nn.Linear(2, 2)).supported
+    model = torch.nn.Module()
+    model.model = torch.nn.Module()
+    model.model.language_model = torch.nn.Module()
+    model.model.language_model.layers = torch.nn.ModuleList([Layer(), Layer()])
+    prefix = TextPrefixReuse(model)
+    assert prefix.supported and prefix.n_layers == 2
+    with prefix.recording(0):
+        for layer in prefix.layers:
+            layer(torch.zeros(1, 3, 2))
+    assert not prefix.supported and not prefix.has(0) and prefix.start_layer(["lm_head"]) == 0
+    with prefix.skipping(0, 2) as skipped:
+        assert skipped == 0 and "forward" not in prefix.layers[0].__dict__
 
 
 def test_ratio_is_undefined_without_a_positive_denominator():
@@ -568,3 +594,88 @@ def test_reused_vision_features_measure_what_a_full_forward_does(family, tiny_ch
     with_vision = evaluator.measure()
     evaluator.vision_bf16 = True
     assert with_vision["kl"] > 0 and evaluator.measure()["kl"] == pytest.approx(0.0, abs=1e-9)  # reuse would hide the damage
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_reused_text_prefix_measures_what_a_full_forward_does(family, tiny_checkpoints, dbs, demo_coco, tmp_path):
+    """Text layers before the first quantized one, replayed from the BF16 reference (vlmsens.prefix_reuse),
+    give the KL, loss and per-sample values of a full forward (rel 1e-5), without computing those layers;
+    Qwen3-VL's deepstack additions after its first layers included. With a vision group quantized nothing is skipped."""
+    from vlmsens.autoquant import NO_QUANT
+    from vlmsens.families import block_index, tower_of
+    from vlmsens.validation import HeldOutModel
+
+    layers, switch, evaluator = _calibrated_search_model(tiny_checkpoints[family], family, dbs, demo_coco, tmp_path,
+                                                          "all-layers", "image+caption")
+    prefix = evaluator.prefix
+    assert prefix.supported and prefix.name == "model.language_model.layers"
+    n, n_batches = prefix.n_layers, len(evaluator.batches)
+    assert n == 3 and n_batches > 1
+    if family == "qwen3_vl":  # the deepstack features are added after layer 0, which a skip passes over
+        assert evaluator.model.config.vision_config.deepstack_visual_indexes
+    text = {b: [layer for layer in layers if tower_of(layer) == "text" and block_index(layer) == b] for b in range(n)}
+    head = [layer for layer in layers if tower_of(layer) == "head"]
+    vision = [layer for layer in layers if tower_of(layer) == "vision"]
+    assert all(text.values()) and vision
+    # HeldOutModel.measure decides what to skip from the selection; its model is the one built above
+    held_out = HeldOutModel.__new__(HeldOutModel)
+    held_out.switch, held_out.evaluator, held_out.measured = switch, evaluator, 0
+    held_out.vision_layers = set(vision)
+    held_out.group_modules = {layer: [layer] for layer in layers}
+
+    computed = [0] * n  # forwards of each layer's own computation (its MLP runs in it)
+    hooks = [layer.mlp.register_forward_pre_hook(lambda *_, i=i: computed.__setitem__(i, computed[i] + 1))
+             for i, layer in enumerate(prefix.layers)]
+    try:
+        switch.apply({})
+        evaluator.vision_bf16 = True
+        reference_loss = evaluator.set_reference()
+        assert computed == [n_batches] * n
+        # the recording reference pass is a plain forward: a full all-BF16 forward repeats it exactly
+        evaluator.text_start = 0
+        assert without_per_sample(evaluator.measure()) == {"loss": reference_loss, "loss_increase": 0.0, "kl": 0.0}
+
+        assert prefix.start_layer(["model.language_model.embed_tokens"]) == 0  # changes every layer's input
+        assert prefix.start_layer(["lm_head", text[1][0]]) == 1 and prefix.start_layer([]) == n
+        # the earliest quantized group decides: each case also quantizes a group of the last layer
+        cases = {0: [text[0][0], text[n - 1][-1]], 1: [text[1][0], text[n - 1][-1]], n - 1: text[n - 1]}
+        if head:
+            cases[n] = head
+        for start, quantized in cases.items():
+            selection = dict.fromkeys(quantized, "wint8_aint8")
+            computed[:] = [0] * n
+            skipped_before = evaluator.text_layer_forwards_skipped
+            reused = held_out.measure(selection)
+            assert evaluator.text_start == start
+            assert computed == [0] * start + [n_batches] * (n - start), (start, computed)
+            assert evaluator.text_layer_forwards_skipped - skipped_before == start * n_batches
+            assert all("forward" not in layer.__dict__ for layer in prefix.layers)  # the layers' own forward is back
+            evaluator.text_start = 0
+            computed[:] = [0] * n
+            full = evaluator.measure()
+            assert computed == [n_batches] * n
+            assert reused["kl"] > 0, start
+            # relative 1e-5 (KL here is ~1e-6 nats/token; abs=1e-12 only lets an exact 0 match)
+            assert without_per_sample(reused) == pytest.approx(without_per_sample(full), rel=1e-5, abs=1e-12), start
+            for m in ("kl", "loss_increase"):
+                assert reused["per_sample"][m] == pytest.approx(full["per_sample"][m], rel=1e-5, abs=1e-12), (start, m)
+
+        # all BF16: every layer replayed, no damage at all
+        computed[:] = [0] * n
+        bf16 = held_out.measure({layer: NO_QUANT for layer in layers})
+        assert evaluator.text_start == n and computed == [0] * n
+        assert without_per_sample(bf16) == {"loss": reference_loss, "loss_increase": 0.0, "kl": 0.0}
+
+        # a vision group changes every text layer's input: everything is recomputed
+        computed[:] = [0] * n
+        with_vision = held_out.measure({vision[0]: "wint8_aint8", text[n - 1][-1]: "wint8_aint8"})
+        assert not evaluator.vision_bf16 and evaluator.text_start == 0 and computed == [n_batches] * n
+        assert with_vision["kl"] > 0
+        # even a caller's start layer is ignored while the tower is not BF16
+        evaluator.text_start = n
+        computed[:] = [0] * n
+        assert evaluator.measure()["kl"] == pytest.approx(with_vision["kl"], rel=1e-5) and computed == [n_batches] * n
+    finally:
+        for hook in hooks:
+            hook.remove()
+        switch.apply({})

@@ -134,7 +134,7 @@ def run_ladder(
         "settings": asdict(settings),
         "bits_range": [low, high],
         "eval": {**batch_stats(held_out.eval_batches), "bf16_loss": reference_loss, "tokens": sum(held_out.evaluator.tokens),
-                 "configurations_measured": held_out.measured},
+                 "configurations_measured": held_out.measured, **held_out.reuse_record()},
         "uniform": uniform,
         "bf16": {"bits": high, "kl": 0.0, "loss_increase": 0.0},
         "rungs": rungs,

@@ -53,8 +53,9 @@ from .autoquant import (
 from .batches import IGNORE_INDEX, batch_stats
 from .config import ValidationSettings
 from .errors import VlmsensError
-from .families import TOWERS
+from .families import TOWERS, VISION_PATTERNS
 from .formats import ranking_format
+from .prefix_reuse import TextPrefixReuse
 from .recipes import CostModel, bits_of, cost_model
 from .vision_reuse import VisionFeatures
 
@@ -488,22 +489,39 @@ class Evaluator:
     While ``vision_bf16`` is set (the caller's promise that the configuration quantizes no vision
     group), the vision tower's output is reused from the first such forward instead of recomputed
     (``vlmsens.vision_reuse``); off by default, so a caller that does not track towers recomputes.
+    While it is set, text layers before ``text_start`` (the caller's promise that the configuration
+    quantizes nothing before that text layer, ``TextPrefixReuse.start_layer``) are not computed:
+    the BF16 reference pass recorded their outputs (``vlmsens.prefix_reuse``). ``text_start`` is 0
+    by default: nothing skipped. ``text_layer_forwards`` and ``text_layer_forwards_skipped`` count, over
+    the measurements, the text-layer forwards a full forward runs and those skipped.
     """
 
-    def __init__(self, model, batches: list[dict]):
+    def __init__(self, model, batches: list[dict], vision_patterns: tuple[str, ...] = VISION_PATTERNS):
         self.model, self.batches = model, batches
         self.reference = None
         self.tokens: list[int] = []
         self.vision = VisionFeatures(model)
         self.vision_bf16 = False
+        self.prefix = TextPrefixReuse(model, vision_patterns)
+        self.text_start = 0
+        self.text_layer_forwards = self.text_layer_forwards_skipped = 0
 
-    def _forward(self):
+    def _forward(self, reference: bool = False):
         import torch
 
+        # with the image features changed, every text layer's input differs from the reference's
+        start = self.text_start if self.vision_bf16 and not reference else 0
         with torch.inference_mode():
             for index, batch in enumerate(self.batches):
                 inputs = self.vision.inputs(index, batch) if self.vision_bf16 else None
-                logits, targets = caption_logits(self.model, batch, inputs)
+                if reference:
+                    with self.prefix.recording(index):
+                        logits, targets = caption_logits(self.model, batch, inputs)
+                else:
+                    with self.prefix.skipping(index, start) as skipped:
+                        logits, targets = caption_logits(self.model, batch, inputs)
+                    self.text_layer_forwards += self.prefix.n_layers
+                    self.text_layer_forwards_skipped += skipped
                 # caption_logits keeps the positions whose next token is a caption token, row by row
                 rows = (batch["labels"][:, 1:] != IGNORE_INDEX).nonzero()[:, 0]
                 yield torch.log_softmax(logits.float(), dim=-1), targets, rows, int(batch["labels"].shape[0])
@@ -524,7 +542,8 @@ class Evaluator:
         import torch
 
         self.reference, self.reference_nll, self.tokens = [], [], []
-        for logp, targets, rows, n_rows in self._forward():
+        self.prefix.clear()
+        for logp, targets, rows, n_rows in self._forward(reference=True):
             self.reference.append(logp)
             self.reference_nll += self._per_sample(self._nll(logp, targets), rows, n_rows)
             self.tokens += self._per_sample(torch.ones_like(targets, dtype=torch.float64), rows, n_rows)
@@ -564,7 +583,8 @@ class HeldOutModel:
     What validate and ladder share: load the cell's checkpoint and batches, calibrate on the cell's
     samples without scoring, batch the held-out samples for inference, and measure configurations
     (format per group) against the BF16 reference, reusing the vision tower's features while a
-    configuration leaves the tower BF16.
+    configuration leaves the tower BF16, and then the BF16 outputs of the text layers before its
+    first quantized one.
     """
 
     def __init__(self, spec: CellSpec, manifest: dict[str, Any], calib_samples: list[dict], eval_samples: list[dict],
@@ -575,8 +595,9 @@ class HeldOutModel:
         clock.enter("calibrate", f"{len(calib_samples)} calibration samples, as the cell")
         model, _, _, _ = search(model, spec, calib_batches, clock, score=False)
         self.switch = RecipeSwitch(model, spec.formats, [g["layer"] for g in manifest["groups"]])
-        self.evaluator = Evaluator(model, self.eval_batches)
+        self.evaluator = Evaluator(model, self.eval_batches, spec.family.vision_patterns)
         self.vision_layers = {g["layer"] for g in manifest["groups"] if g["tower"] == "vision"}
+        self.group_modules = {g["layer"]: [g["layer"], *g.get("modules", [])] for g in manifest["groups"]}
         self.measured = 0
         self._clock = clock
 
@@ -590,8 +611,16 @@ class HeldOutModel:
         """KL to the reference and loss of ``selection`` (groups not named stay BF16), per sample too."""
         self.switch.apply(selection)
         self.evaluator.vision_bf16 = all(selection.get(layer, NO_QUANT) == NO_QUANT for layer in self.vision_layers)
+        self.evaluator.text_start = self.evaluator.prefix.start_layer(
+            module for layer, modules in self.group_modules.items() if selection.get(layer, NO_QUANT) != NO_QUANT
+            for module in modules)
         self.measured += 1
         return self.evaluator.measure()
+
+    def reuse_record(self) -> dict[str, int]:
+        """How many text-layer forwards the measured configurations would run in full, and how many were skipped."""
+        return {"text_layer_forwards": self.evaluator.text_layer_forwards,
+                "text_layer_forwards_skipped": self.evaluator.text_layer_forwards_skipped}
 
     def run_record(self) -> dict[str, Any]:
         """Where and how long it ran: device, dtype, the phases' times (the clock stops), peak memory."""
@@ -718,7 +747,8 @@ def run_validation(
         "damage_measure": "KL divergence BF16 → quantized, per caption token (nats)",
         "settings": asdict(settings),
         "eval": {**batch_stats(held_out.eval_batches), "bf16_loss": reference_loss,
-                 "configurations_measured": held_out.measured, "tokens_per_sample": evaluator.tokens},
+                 "configurations_measured": held_out.measured, "tokens_per_sample": evaluator.tokens,
+                 **held_out.reuse_record()},
         "intervals": {
             "confidence": CONFIDENCE,
             "method": "percentile bootstrap",

@@ -106,7 +106,9 @@ def validation_doc(doc: dict[str, Any]):
         f", {ev['loss_tokens']} caption tokens (disjoint from calibration); BF16 caption loss {ev['bf16_loss']:.4f} "
         f"nats/token. Groups ranked by their `{doc['ranking_format']}` score ({doc['n_groups']} groups). Damage = "
         f"{doc['damage_measure']}; loss increase = caption loss of the quantized model minus BF16's. "
-        f"{ev['configurations_measured']} quantized configurations measured."
+        f"{ev['configurations_measured']} quantized configurations measured" + (
+            f"; {ev['text_layer_forwards_skipped']} of their {ev['text_layer_forwards']} text-layer forwards reused "
+            "from the BF16 reference (the layers before the first quantized one)." if ev.get("text_layer_forwards") else ".")
     )
     intervals = doc.get("intervals")
     if intervals:
