@@ -13,6 +13,9 @@ rule prepare_samples:
         coco_root=coco_root(),
         inputs=lambda wildcards: calibration_inputs(config, wildcards.scope),
         prompts=lambda wildcards: prompt_settings(config, wildcards.scope),
+        # the GPU jobs' worker, warmed while the samples are encoded (vlmsens.gpupool.warm_gpu_worker)
+        extensions_cache=f"{OUT}/.cache/torch_extensions",
+        gpu_locks=f"{OUT}/.locks/gpu",
     priority: samples_priority
     threads: 1
     log:

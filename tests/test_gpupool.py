@@ -177,3 +177,40 @@ def test_detect_devices_from_nvidia_smi(monkeypatch):
     monkeypatch.setattr(gpupool.subprocess, "run", lambda *a, **k: Done())
     assert gpupool.detect_devices({}) == ["0", "1"]
     assert gpupool.detect_devices({"CUDA_VISIBLE_DEVICES": "1"}) == ["1"]
+
+
+def test_warming_the_gpu_worker_uses_the_gpu_jobs_environment_and_first_device(tmp_path, monkeypatch):
+    """The warm-up must reach the server the GPU jobs will use: same environment (the server's
+    fingerprint covers it), the GPU set of the pool's first device; the CPU job's own environment
+    is left as it was, and a worker that cannot start does not fail the job."""
+    from types import SimpleNamespace
+
+    from vlmsens import worker
+
+    seen = {}
+
+    def fake_warm(address, gpus, **_):
+        seen.update(address=address, gpus=gpus, env={k: os.environ.get(k) for k in ("TORCH_EXTENSIONS_DIR", "PYTORCH_CUDA_ALLOC_CONF")})
+        return [1, 2]
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.delenv(worker.ENABLE_ENV, raising=False)
+    monkeypatch.setattr(worker, "warm", fake_warm)
+    monkeypatch.setattr(gpupool, "detect_devices", lambda: ["3", "5"])
+    smk = SimpleNamespace(params=SimpleNamespace(extensions_cache=str(tmp_path / "ext"), gpu_locks=str(tmp_path / "locks")))
+    gpupool.warm_gpu_worker(smk)
+    assert seen["gpus"] == "3" and seen["address"] == worker.address_for(tmp_path / "locks")
+    assert seen["env"] == gpupool.gpu_job_environment(smk) == {
+        "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    assert "TORCH_EXTENSIONS_DIR" not in os.environ
+
+    def unavailable(*_, **__):
+        raise worker.WorkerUnavailable("cannot start")
+
+    monkeypatch.setattr(worker, "warm", unavailable)
+    gpupool.warm_gpu_worker(smk)  # logged, not raised
+    monkeypatch.setenv(worker.ENABLE_ENV, "0")
+    monkeypatch.setattr(worker, "warm", fake_warm)
+    seen.clear()
+    gpupool.warm_gpu_worker(smk)
+    assert not seen

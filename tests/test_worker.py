@@ -57,6 +57,24 @@ def test_jobs_run_in_children_of_one_warm_server(address, tmp_path, monkeypatch)
     assert len(waiting) == worker.DEFAULT_STANDBYS and not {o["pid"] for o in outs} & set(waiting)
 
 
+def test_warming_readies_standbys_that_the_first_job_then_takes(address, tmp_path, monkeypatch):
+    """A CPU job the GPU jobs wait for warms the worker: standbys for that GPU set import before any
+    job asks, and the first job of that set runs in one of them instead of a fresh fork."""
+    import worker_jobs
+
+    gpus = "-1"  # a GPU set no other test uses: no standby waits for it yet
+    assert gpus not in worker._ask(address, {"op": "ping"})["standbys"]
+    warmed = worker.warm(address, gpus)
+    assert len(warmed) == worker.DEFAULT_STANDBYS
+    assert worker._ask(address, {"op": "ping"})["standbys"][gpus] == warmed
+    assert worker.warm(address, gpus) == warmed  # warming again starts no more
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", gpus)
+    out = tmp_path / "out.json"
+    assert worker.run_job(address, worker_jobs.report, {"out": str(out)}, log_path=str(tmp_path / "w.log"), prefix="t", threads=1) == 0
+    assert json.loads(out.read_text())["pid"] == warmed[0]
+
+
 def test_a_child_starts_with_modelopt_imported(address, tmp_path):
     import worker_jobs
 

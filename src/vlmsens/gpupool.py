@@ -260,6 +260,41 @@ def gpu_slot(
         log.info("GPU slot: released GPU %s", dev)
 
 
+def gpu_job_environment(smk) -> dict[str, str]:
+    """What a GPU job sets before torch loads (defaults: the caller's environment wins)."""
+    return {
+        # ModelOpt JIT-builds its CUDA extensions on first use; read at import, so set before torch loads.
+        "TORCH_EXTENSIONS_DIR": os.path.abspath(smk.params.extensions_cache),
+        # Large ragged batches fragment the caching allocator (a quarter of the peak on an H100, bench/RESULTS.md).
+        "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+    }
+
+
+def warm_gpu_worker(smk) -> None:
+    """From a CPU job that GPU jobs wait for (sample encoding): have the warm worker import for the
+    GPU the first GPU job will take (the pool's first), so that job finds a standby ready.
+
+    Its rule declares the GPU rules' ``params.extensions_cache`` and ``params.gpu_locks``: the
+    server's fingerprint covers the environment, which must be the GPU jobs'. A no-op under SLURM or
+    with the worker off; never fails the job (the GPU job then starts the worker as before).
+    """
+    if not worker.enabled():
+        return
+    saved = dict(os.environ)
+    try:
+        for key, value in gpu_job_environment(smk).items():
+            os.environ.setdefault(key, value)
+        devices = detect_devices()
+        gpus = devices[0] if devices else os.environ.get("CUDA_VISIBLE_DEVICES")
+        pids = worker.warm(worker.address_for(smk.params.gpu_locks), gpus)
+        log.info("worker: %d standby(s) importing for GPU %s ahead of the GPU jobs", len(pids), gpus)
+    except (worker.WorkerUnavailable, OSError) as err:
+        log.info("worker: not warmed ahead of the GPU jobs (%s)", err)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def run_gpu_job(smk, prefix: str, func, **kwargs):
     """A Snakemake GPU job: log set-up, one GPU slot, the job's torch threads, then ``func(**kwargs)``.
 
@@ -268,10 +303,8 @@ def run_gpu_job(smk, prefix: str, func, **kwargs):
     through :func:`vlmsens.logs.run_job`, so a retry after an error a smaller batch cannot fix stops
     before it waits for a GPU.
     """
-    # ModelOpt JIT-builds its CUDA extensions on first use; read at import, so set before torch loads.
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.abspath(smk.params.extensions_cache))
-    # Large ragged batches fragment the caching allocator (a quarter of the peak on an H100, bench/RESULTS.md).
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    for key, value in gpu_job_environment(smk).items():
+        os.environ.setdefault(key, value)
 
     def in_slot(progress, **job_kwargs):
         # Pinned through CUDA_VISIBLE_DEVICES before torch loads; SLURM's allocation under SLURM.

@@ -299,6 +299,21 @@ def run_job(address: str, func, kwargs: dict[str, Any], *, log_path: str, prefix
     return int(answer["exit"])
 
 
+def warm(address: str, gpus: str | None, *, start_timeout: float = 60.0) -> list[int]:
+    """Have the server (started if need be) ready its standbys for the GPU set ``gpus`` (the
+    ``CUDA_VISIBLE_DEVICES`` value a job will run with) before any GPU job asks; returns their pids.
+
+    For the jobs that GPU jobs wait for: the first GPU job of a run otherwise waits for a standby's
+    imports (about 20 s, more while those jobs load the CPUs). Raises WorkerUnavailable.
+    """
+    expected = fingerprint()
+    ensure_server(address, expected, start_timeout=start_timeout)
+    answer = _ask(address, {"op": "warm", "fingerprint": expected, "gpus": gpus})
+    if answer is None or "error" in answer:
+        raise WorkerUnavailable((answer or {}).get("error", f"no answer from the worker at {address}"))
+    return answer["standbys"]
+
+
 # --- the server's side -----------------------------------------------------------------------------
 
 def _resolve(ref: str):
@@ -500,6 +515,11 @@ def serve(address: str, expected: str, idle_s: float) -> int:
             _answer(conn, {"retiring": True})
         elif request.get("fingerprint") != expected:
             _answer(conn, {"error": "the worker runs other code or settings than this job"})
+        elif op == "warm":
+            waiting = standbys.setdefault(request.get("gpus"), [])
+            while not retire and len(waiting) < n_standbys:
+                waiting.append(_Standby(request.get("gpus")))
+            _answer(conn, {"standbys": [sb.pid for sb in waiting]})
         else:
             gpus = request["env"].get("CUDA_VISIBLE_DEVICES")
             waiting = standbys.setdefault(gpus, [])
