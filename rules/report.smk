@@ -26,6 +26,9 @@ rule recipes:
         nested_ignores=per_budget(f"{RECIPE_DIR}/{{budget}}/nested/ignore.yaml"),
     params:
         budgets=BUDGETS,
+        # run in the GPU jobs' warm worker, which has ModelOpt imported (vlmsens.gpupool.run_cpu_job_warm)
+        extensions_cache=f"{OUT}/.cache/torch_extensions",
+        gpu_locks=f"{OUT}/.locks/gpu",
     threads: 1
     log:
         f"{LOGS}/recipes/{{model}}/{{format}}/{{scope}}/{{size}}.log",

@@ -108,6 +108,23 @@ def test_demo_logs_are_quiet_and_say_progress_device_and_wall(demo_run):
     assert "24 cells" in front and "Bit budget: all 24 cells reached it." in front and "from each job's process start" in front
 
 
+def test_demo_jobs_find_the_worker_warm(demo_run):
+    """The sample-encoding jobs start the worker for the GPU jobs (same settings, so no GPU job starts
+    or retires one), and every recipes job runs in one of its warm standbys."""
+    workdir, _ = demo_run
+    logs = workdir / "results" / "demo" / "logs"
+    gpu_logs = sorted((logs / "autoquant").rglob("*.log")) + sorted((logs / "validate").rglob("*.log"))
+    assert len(gpu_logs) == 48
+    for log in gpu_logs:
+        text = log.read_text()
+        assert "worker: job finished" in text, log
+        assert "starting a server" not in text and "retiring it" not in text, log
+    recipes = sorted((logs / "recipes").rglob("*.log"))
+    assert len(recipes) == 24
+    for log in recipes:
+        assert "worker: job finished" in log.read_text(), log
+
+
 def test_demo_recipes_meet_their_budgets_and_report_each_disagreement(demo_run, capsys):
     import pandas as pd
 

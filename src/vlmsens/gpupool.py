@@ -295,6 +295,25 @@ def warm_gpu_worker(smk) -> None:
         os.environ.update(saved)
 
 
+def _in_worker_or_here(smk, prefix: str, func, job_kwargs: dict, progress):
+    """``func(**job_kwargs)`` in a standby of the warm worker (for this job's CUDA_VISIBLE_DEVICES), else here."""
+    if worker.enabled():
+        try:
+            code = worker.run_job(worker.address_for(smk.params.gpu_locks), func, job_kwargs, log_path=smk.log[0],
+                                  prefix=prefix, threads=smk.threads, attempt=job_attempt(smk),
+                                  inputs={k: str(v) for k, v in smk.input.items()})
+        except worker.WorkerUnavailable as err:
+            log.warning("worker: %s; running the job in this process", err)
+        else:
+            if code:
+                raise AlreadyReported(code)
+            return None
+    import torch
+
+    torch.set_num_threads(smk.threads)
+    return func(progress=progress, **job_kwargs)
+
+
 def run_gpu_job(smk, prefix: str, func, **kwargs):
     """A Snakemake GPU job: log set-up, one GPU slot, the job's torch threads, then ``func(**kwargs)``.
 
@@ -309,21 +328,23 @@ def run_gpu_job(smk, prefix: str, func, **kwargs):
     def in_slot(progress, **job_kwargs):
         # Pinned through CUDA_VISIBLE_DEVICES before torch loads; SLURM's allocation under SLURM.
         with gpu_slot(smk.params.gpu_locks):
-            if worker.enabled():
-                try:
-                    code = worker.run_job(worker.address_for(smk.params.gpu_locks), func, job_kwargs, log_path=smk.log[0],
-                                          prefix=prefix, threads=smk.threads, attempt=job_attempt(smk),
-                                          inputs={k: str(v) for k, v in smk.input.items()})
-                except worker.WorkerUnavailable as err:
-                    log.warning("worker: %s; running the job in this process", err)
-                else:
-                    if code:
-                        raise AlreadyReported(code)
-                    return None
-            import torch
-
-            torch.set_num_threads(smk.threads)
-            return func(progress=progress, **job_kwargs)
+            return _in_worker_or_here(smk, prefix, func, job_kwargs, progress)
 
     # Appending: a worker's child writes to the same log while this process holds it open.
     return run_job(smk, prefix, in_slot, log_mode="a", **kwargs)
+
+
+def run_cpu_job_warm(smk, prefix: str, func, **kwargs):
+    """A CPU job that needs what the GPU jobs import (ModelOpt: about 20 s of a fresh process), run in
+    one of the warm worker's standbys that see no GPU; in its own process under SLURM or with the
+    worker off. Its rule declares the GPU rules' ``params.extensions_cache`` and ``params.gpu_locks``,
+    so the GPU jobs' server (same environment, same fingerprint) serves it.
+    """
+    for key, value in gpu_job_environment(smk).items():
+        os.environ.setdefault(key, value)
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # its standbys import with no GPU visible: a CPU job touches none
+
+    def here_or_warm(progress, **job_kwargs):
+        return _in_worker_or_here(smk, prefix, func, job_kwargs, progress)
+
+    return run_job(smk, prefix, here_or_warm, log_mode="a", **kwargs)

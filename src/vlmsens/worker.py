@@ -1,4 +1,4 @@
-"""A warm process per host that runs GPU jobs, so that each job does not pay the imports again.
+"""A warm process per host that runs GPU jobs (and the CPU jobs that import ModelOpt), so that each job does not pay the imports again.
 
 About 20 s of every AutoQuantize or validation job is Python importing torch, transformers and
 ModelOpt (ModelOpt alone pulls in torch._dynamo, sympy and its plugins). With the worker, the
