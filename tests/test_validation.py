@@ -191,7 +191,13 @@ def test_validation_files_schema_and_provenance(planted, dbs, demo_coco, tmp_pat
     assert 0 < on_disk["eval"]["text_layer_forwards_skipped"] < on_disk["eval"]["text_layer_forwards"]
     assert set(on_disk["timings_s"]) >= {"load", "calibrate", "reference", "top-k", "ablations", "end-to-end"}
     assert {"packages", "git", "inputs_sha256", "wall_time_s"} <= set(on_disk["provenance"])
-    assert set(on_disk["provenance"]["inputs_sha256"]) == {"manifest", "samples", "held_out_samples"}
+    from vlmsens.provenance import sha256_file
+
+    # hashed on a thread beside the measurement: still the files' own checksums
+    assert on_disk["provenance"]["inputs_sha256"] == {
+        "manifest": sha256_file(Path(doc["_dir"]) / "quant_manifest.json"),
+        "samples": sha256_file(on_disk["dataset"]["calibration_samples"]),
+        "held_out_samples": sha256_file(on_disk["dataset"]["held_out_samples"])}
     md = (Path(doc["_dir"]) / "validation.md").read_text()
     assert on_disk["verdict"] in md and "## One-group ablations" in md and "## End to end" in md
     for phase in ("calibrate", "reference", "top-k", "ablations", "end-to-end"):
@@ -464,6 +470,24 @@ def test_under_prediction_names_the_tower_above_the_trend():
     assert out["vision"]["factor"] == pytest.approx(10, rel=0.2)
     assert out["vision"]["ci95"][0] > 1 and out["text"]["ci95"][1] < 1
     assert out["text"]["factor"] == pytest.approx(1 / out["vision"]["factor"])
+
+
+def test_kendall_rows_equal_scipy_row_by_row_with_ties_and_constant_rows():
+    """The vectorised bootstrap τ-b is scipy's kendalltau on every row (bootstrap rows repeat groups, so ties abound)."""
+    import numpy as np
+    from scipy import stats
+
+    from vlmsens.validation import _kendall_rows
+
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 6, size=(300, 24)).astype(float)  # few distinct values: ties in most rows
+    y = x * 0.5 + rng.normal(size=(300, 24))
+    y[:, ::5] = np.round(y[:, ::5])
+    x[7] = 2.0  # a constant row: τ undefined
+    expected = np.array([stats.kendalltau(a, b).statistic for a, b in zip(x, y, strict=True)])
+    got = _kendall_rows(x, y, chunk=64)
+    assert np.isnan(got[7]) and np.isnan(expected[7])
+    assert np.allclose(got, expected, rtol=1e-12, atol=1e-12, equal_nan=True)
 
 
 def test_rank_correlations_known_answers():

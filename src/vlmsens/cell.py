@@ -241,6 +241,9 @@ def _held_out_job(job: str, cell: dict[str, Any], paths: tuple[str, str, str], s
     (checked as one pair), build their settings, run ``run`` and wrap its body into the document."""
     started = time.perf_counter()
     manifest_path, samples_path, eval_samples_path = paths
+    # hashed beside the measurement (GBs of samples at the large size), not after it
+    checksums = provenance.InputChecksums({"manifest": manifest_path, "samples": samples_path,
+                                           "held_out_samples": eval_samples_path})
     manifest = json.loads(Path(manifest_path).read_text())
     spec = _as_calibrated(manifest, cell)
     calib, calib_meta, held_out, eval_meta, inputs = _held_out_pair(spec, manifest, manifest_path, samples_path, eval_samples_path)
@@ -248,7 +251,7 @@ def _held_out_job(job: str, cell: dict[str, Any], paths: tuple[str, str, str], s
     progress(f"{job} {spec.model}/{spec.format_name}/{spec.scope}/{spec.size}: {len(calib)} calibration, "
              f"{len(held_out)} held-out samples{detail(settings)}")
     body = run(spec, manifest, calib, held_out, settings, progress=progress)
-    return _held_out_doc(spec, manifest, body, inputs, paths, (calib_meta, eval_meta), started)
+    return _held_out_doc(spec, manifest, body, inputs, paths, (calib_meta, eval_meta), started, checksums)
 
 
 def export_cell(
@@ -302,7 +305,8 @@ def _as_calibrated(manifest: dict[str, Any], cell: dict[str, Any]) -> CellSpec:
 
 
 def _held_out_doc(spec: CellSpec, manifest: dict[str, Any], body: dict[str, Any], inputs: str,
-                  paths: tuple[str, str, str], metas: tuple[dict[str, Any], dict[str, Any]], started: float) -> dict[str, Any]:
+                  paths: tuple[str, str, str], metas: tuple[dict[str, Any], dict[str, Any]], started: float,
+                  checksums: provenance.InputChecksums) -> dict[str, Any]:
     """validation.json or ladder.json: the cell, the measurements, the samples they used and provenance."""
     manifest_path, samples_path, eval_samples_path = paths
     calib_meta, eval_meta = metas
@@ -313,8 +317,7 @@ def _held_out_doc(spec: CellSpec, manifest: dict[str, Any], body: dict[str, Any]
         "dataset": {"inputs": inputs, "calibration": calib_meta.get("calib_meta"), "held_out": eval_meta.get("calib_meta"),
                     "calibration_samples": str(samples_path), "held_out_samples": str(eval_samples_path)},
     }
-    doc["provenance"] = provenance.collect(
-        {"manifest": manifest_path, "samples": samples_path, "held_out_samples": eval_samples_path}, checkpoint=spec.checkpoint)
+    doc["provenance"] = provenance.collect(checksums, checkpoint=spec.checkpoint)
     doc["provenance"]["wall_time_s"] = round(time.perf_counter() - started, 3)
     return doc
 

@@ -307,6 +307,26 @@ def _spearman_rows(x, y):
         return (rx * ry).sum(axis=1) / np.sqrt((rx**2).sum(axis=1) * (ry**2).sum(axis=1))
 
 
+def _kendall_rows(x, y, chunk: int = 256):
+    """Kendall τ-b of each row pair (resamples × n), as ``scipy.stats.kendalltau`` computes it row by row.
+
+    τ-b = Σ sign(Δx)·sign(Δy) / √(pairs untied in x · pairs untied in y) over all pairs of a row;
+    NaN where a row is constant. Rows go in chunks, so memory stays bounded for many groups.
+    """
+    import numpy as np
+
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    i, j = np.triu_indices(x.shape[1], k=1)
+    out = np.empty(x.shape[0])
+    for start in range(0, x.shape[0], chunk):
+        dx = np.sign(x[start:start + chunk, i] - x[start:start + chunk, j])
+        dy = np.sign(y[start:start + chunk, i] - y[start:start + chunk, j])
+        untied = np.count_nonzero(dx, axis=1) * np.count_nonzero(dy, axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out[start:start + chunk] = np.where(untied > 0, (dx * dy).sum(axis=1) / np.sqrt(untied), np.nan)
+    return out
+
+
 def group_resamples(strata: Sequence[str], resamples: int, rng) -> Any:
     """Row indices of ``resamples`` bootstrap resamples of the groups, drawn within each stratum (tower)."""
     import numpy as np
@@ -347,10 +367,7 @@ def rank_correlations(predicted: Sequence[float], measured: Sequence[float], res
         value = float(func(x, y).statistic) if len(x) >= 3 else math.nan
         interval = [math.nan, math.nan]
         if usable and not math.isnan(value):
-            if name == "spearman":
-                draws = _spearman_rows(x_b, y_b)
-            else:
-                draws = [func(a, b).statistic for a, b in zip(x_b, y_b, strict=True)]
+            draws = _spearman_rows(x_b, y_b) if name == "spearman" else _kendall_rows(x_b, y_b)
             interval = _percentile_interval(draws)
         out[name] = {"value": value, "ci95": interval}
     return out
