@@ -12,7 +12,10 @@ nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
 mkdir -p "$OUT"
 cp -r "$S"/ratios "$S"/*-summary "$OUT/" 2>/dev/null
 cp "$S"/session.log "$S"/triton.tgz "$OUT/" 2>/dev/null
-for g in "$S"/grid*/; do [ -d "$g" ] && mkdir -p "$OUT/$(basename "$g")" && cp "$g"/*.log "$g"/runs.json "$OUT/$(basename "$g")/" 2>/dev/null; done
+for g in "$S"/grid*/; do [ -d "$g" ] && mkdir -p "$OUT/$(basename "$g")" && cp "$g"/*.log "$g"/runs.json "$OUT/$(basename "$g")/" 2>/dev/null
+  # the jobs' logs (phase times) and benchmark records, in one file: the device call may end before the run does
+  [ -d "$g/results/logs" ] && tar czf "$OUT/$(basename "$g")/jobs.tgz" -C "$g/results" logs/autoquant logs/validate logs/recipes benchmarks 2>/dev/null
+done
 if ! grep -q '^== done' "$S/session.log"; then  # still running: what the grid has so far
   for g in "$S"/grid*/; do [ -f "$g/runs.json" ] || [ -d "$g/results/benchmarks" ] && python3 bench/grid_bench.py summary \
     --workdir "$g" --out "$OUT/partial-$(basename "$g")" | tail -40; done
