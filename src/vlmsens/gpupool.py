@@ -270,6 +270,11 @@ def gpu_job_environment(smk) -> dict[str, str]:
     }
 
 
+def _use_gpu_job_environment(smk) -> None:
+    for key, value in gpu_job_environment(smk).items():
+        os.environ.setdefault(key, value)
+
+
 def warm_gpu_worker(smk) -> None:
     """From a CPU job that GPU jobs wait for (sample encoding): have the warm worker import for the
     GPU the first GPU job will take (the pool's first), so that job finds a standby ready.
@@ -282,8 +287,7 @@ def warm_gpu_worker(smk) -> None:
         return
     saved = dict(os.environ)
     try:
-        for key, value in gpu_job_environment(smk).items():
-            os.environ.setdefault(key, value)
+        _use_gpu_job_environment(smk)
         devices = detect_devices()
         gpus = devices[0] if devices else os.environ.get("CUDA_VISIBLE_DEVICES")
         pids = worker.warm(worker.address_for(smk.params.gpu_locks), gpus)
@@ -322,8 +326,7 @@ def run_gpu_job(smk, prefix: str, func, **kwargs):
     through :func:`vlmsens.logs.run_job`, so a retry after an error a smaller batch cannot fix stops
     before it waits for a GPU.
     """
-    for key, value in gpu_job_environment(smk).items():
-        os.environ.setdefault(key, value)
+    _use_gpu_job_environment(smk)
 
     def in_slot(progress, **job_kwargs):
         # Pinned through CUDA_VISIBLE_DEVICES before torch loads; SLURM's allocation under SLURM.
@@ -340,8 +343,7 @@ def run_cpu_job_warm(smk, prefix: str, func, **kwargs):
     worker off. Its rule declares the GPU rules' ``params.extensions_cache`` and ``params.gpu_locks``,
     so the GPU jobs' server (same environment, same fingerprint) serves it.
     """
-    for key, value in gpu_job_environment(smk).items():
-        os.environ.setdefault(key, value)
+    _use_gpu_job_environment(smk)
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # its standbys import with no GPU visible: a CPU job touches none
 
     def here_or_warm(progress, **job_kwargs):
