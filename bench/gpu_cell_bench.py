@@ -159,11 +159,12 @@ def run_ours(args, samples: list[dict]) -> dict:
                     effective_bits=8.5 if "4" not in args.format else 4.8, method="gradient",
                     batch_size=0 if args.batch == "auto" else int(args.batch), gpu_memory_gib=args.gpu_memory_gib,
                     device=args.device, gradient_checkpointing=args.gradient_checkpointing == "on")
+    state_path = Path(args.workdir) / "autoquant_state.pt"
     start = time.perf_counter()
-    result = run_autoquant(spec, samples, progress=lambda line: print(f"[ours] {line}", flush=True))
+    result = run_autoquant(spec, samples, progress=lambda line: print(f"[ours] {line}", flush=True), state_path=str(state_path))
     wall = time.perf_counter() - start
     groups = sorted(result["groups"], key=lambda g: -g["scores_per_token"][formats[0].name])
-    validation = run_validation_after(args, spec, formats, result, samples) if args.validate else None
+    validation = run_validation_after(args, spec, formats, result, state_path) if args.validate else None
     return {
         "validation": validation,
         "wall_s": wall,
@@ -186,12 +187,13 @@ def run_ours(args, samples: list[dict]) -> dict:
     }
 
 
-def run_validation_after(args, spec, formats, result: dict, samples: list[dict]) -> dict:
+def run_validation_after(args, spec, formats, result: dict, state_path: Path) -> dict:
     """vlmsens.validation on the cell just run, with synthetic held-out samples (another seed)."""
     import gc
 
     import torch
 
+    from vlmsens.autoquant import load_search_state
     from vlmsens.config import ValidationSettings
     from vlmsens.formats import format_bits
     from vlmsens.validation import run_validation
@@ -200,10 +202,11 @@ def run_validation_after(args, spec, formats, result: dict, samples: list[dict])
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     manifest = {"cell": {"candidates": [f.name for f in formats]}, "formats": {f.name: {"bits": format_bits(f)} for f in formats},
-                "search": result["search"], "groups": result["groups"]}
+                "search": result["search"], "groups": result["groups"],
+                "config": {"batch_size_used": result["batch_plan"]["batch_size"]}}
     held_out = synthetic_samples(args.family, args.size, args.eval_samples, args.scope, seed=1)
     start = time.perf_counter()
-    body = run_validation(spec, manifest, samples, held_out, ValidationSettings.from_config({}, seed=0),
+    body = run_validation(spec, manifest, load_search_state(state_path), held_out, ValidationSettings.from_config({}, seed=0),
                           progress=lambda line: print(f"[validate] {line}", flush=True))
     return {"wall_s": time.perf_counter() - start, "phases_s": body["timings_s"], "peak_memory": body["peak_memory"],
             "eval_samples": args.eval_samples, "configurations_measured": body["eval"]["configurations_measured"],

@@ -1,9 +1,8 @@
 """GPU cost of one rule-ladder job on a full-size Qwen-VL architecture (random weights).
 
-Runs a short AutoQuantize cell for the scores (``--cell-samples``; the ladder's cost does not depend
-on them), then :func:`vlmsens.ladder.run_ladder` as rule ``ladder`` runs it: the cell's model rebuilt
-and calibrated on ``--calib-samples`` synthetic samples (the largest size of the real grid: 512),
-one BF16 reference, and every rung's optimal, nested and random recipes measured on
+Runs a short AutoQuantize cell for the scores and calibration (``--cell-samples``; the ladder's cost
+does not depend on them), then :func:`vlmsens.ladder.run_ladder` as rule ``ladder`` runs it: the
+cell's model rebuilt with the cell's calibration restored from its search state, one BF16 reference, and every rung's optimal, nested and random recipes measured on
 ``--eval-samples`` synthetic held-out samples (the real config's ``coco.eval_images``: 100), with
 the default ``ship_this.ladder`` settings. Prints and writes the phases, the number of measured
 configurations, the peak memory and the ladder's KL curve.
@@ -35,14 +34,13 @@ def main(argv=None) -> int:
     parser.add_argument("--format", default="wint8_aint8")
     parser.add_argument("--scope", default="all-layers")
     parser.add_argument("--cell-samples", type=int, default=32)
-    parser.add_argument("--calib-samples", type=int, default=512)
     parser.add_argument("--eval-samples", type=int, default=100)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", default="full", choices=["full", "tiny"], help="tiny: a CPU smoke run of this script")
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args(argv)
 
-    from vlmsens.autoquant import CellSpec, run_autoquant
+    from vlmsens.autoquant import CellSpec, load_search_state, run_autoquant
     from vlmsens.config import LadderSettings
     from vlmsens.families import get_family
     from vlmsens.formats import format_bits, format_registry, resolve_format
@@ -62,7 +60,9 @@ def main(argv=None) -> int:
                     gradient_checkpointing=True)
     cell_samples = synthetic_samples(args.family, args.size, args.cell_samples, args.scope, seed=0)
     start = time.perf_counter()
-    result = run_autoquant(spec, cell_samples, progress=lambda line: print(f"[cell] {line}", flush=True))
+    state_path = args.workdir / "autoquant_state.pt"
+    result = run_autoquant(spec, cell_samples, progress=lambda line: print(f"[cell] {line}", flush=True),
+                           state_path=str(state_path))
     report["cell_s"] = time.perf_counter() - start
 
     import gc
@@ -73,16 +73,16 @@ def main(argv=None) -> int:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     manifest = {"cell": {"candidates": [f.name for f in formats]}, "formats": {f.name: {"bits": format_bits(f)} for f in formats},
-                "search": result["search"], "groups": result["groups"]}
-    calib = synthetic_samples(args.family, args.size, args.calib_samples, args.scope, seed=2)
+                "search": result["search"], "groups": result["groups"],
+                "config": {"batch_size_used": result["batch_plan"]["batch_size"]}}
     held_out = synthetic_samples(args.family, args.size, args.eval_samples, args.scope, seed=1)
     settings = LadderSettings.from_config({}, seed=0)
     start = time.perf_counter()
-    body = run_ladder(spec, manifest, calib, held_out, settings, progress=lambda line: print(f"[ladder] {line}", flush=True))
+    body = run_ladder(spec, manifest, load_search_state(state_path), held_out, settings, progress=lambda line: print(f"[ladder] {line}", flush=True))
     report["ladder"] = {
         "wall_s": time.perf_counter() - start, "phases_s": body["timings_s"], "peak_memory": body["peak_memory"],
         "configurations_measured": body["eval"]["configurations_measured"], "groups": body["n_groups"],
-        "calib_samples": args.calib_samples, "eval_samples": args.eval_samples, "device": body["device"],
+        "cell_samples": args.cell_samples, "eval_samples": args.eval_samples, "device": body["device"],
         "nested_is_nested": body["nested_is_nested"], "uniform_kl": body["uniform"]["kl"],
         "rungs": [{"budget_bits": r["budget_bits"], "optimal_bits": r["optimal"]["bits"], "optimal_kl": r["optimal"]["kl"],
                    "nested_bits": r["nested"]["bits"], "nested_kl": r["nested"]["kl"], "random_kl": r["random"]["mean"]["kl"]}

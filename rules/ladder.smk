@@ -7,6 +7,7 @@ rule ladder:
     input:
         unpack(checkpoint_input),
         manifest=rules.autoquant.output.manifest,
+        state=rules.autoquant.output.state,
         samples=rules.prepare_samples.output.samples,
         eval_samples=rules.prepare_eval_samples.output.samples,
     output:

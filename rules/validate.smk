@@ -32,6 +32,7 @@ rule validate:
     input:
         unpack(checkpoint_input),
         manifest=rules.autoquant.output.manifest,
+        state=rules.autoquant.output.state,
         samples=rules.prepare_samples.output.samples,
         eval_samples=rules.prepare_eval_samples.output.samples,
     output:

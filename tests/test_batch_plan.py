@@ -91,9 +91,11 @@ def test_inference_batches_hold_four_search_batches_within_the_sample_count():
     from vlmsens.autoquant import INFERENCE_BATCH_FACTOR, inference_batch_size
 
     assert INFERENCE_BATCH_FACTOR == 4
-    assert inference_batch_size({"batch_size": 10}, 100) == 40
-    assert inference_batch_size({"batch_size": 37}, 100) == 100  # never more than the samples
-    assert inference_batch_size({"batch_size": 1}, 0) == 1
+    assert inference_batch_size(10, 100) == 40
+    assert inference_batch_size(37, 100) == 100  # never more than the samples
+    assert inference_batch_size(1, 0) == 1
+    assert inference_batch_size(10, 100, halvings=1) == 20  # an out-of-memory retry halves it
+    assert inference_batch_size(1, 100, halvings=3) == 1
 
 
 def test_memory_model_adds_one_blocks_differences_per_candidate_format():

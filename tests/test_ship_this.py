@@ -183,6 +183,7 @@ def planted_ladder(planted_cells) -> tuple[dict, dict, Path]:
     cell = planted_cells["cells"][("lm-only", "large")]
     lines: list[str] = []
     doc = ladder_cell(**cell["common"], ladder_cfg=LADDER, manifest_path=str(cell["dir"] / "quant_manifest.json"),
+                      state_path=str(cell["dir"] / "state.pt"),
                       samples_path=str(cell["samples"]["calib"]), eval_samples_path=str(cell["samples"]["eval"]),
                       outputs={"json": str(cell["dir"] / "ladder.json")}, progress=lines.append)
     manifest = json.loads((cell["dir"] / "quant_manifest.json").read_text())
@@ -232,6 +233,7 @@ def test_ladder_refuses_overlapping_held_out_samples(planted_cells, tmp_path):
     cell = planted_cells["cells"][("lm-only", "small")]
     with pytest.raises(VlmsensError, match="held out"):
         ladder_cell(**cell["common"], ladder_cfg=LADDER, manifest_path=str(cell["dir"] / "quant_manifest.json"),
+                    state_path=str(cell["dir"] / "state.pt"),
                     samples_path=str(cell["samples"]["calib"]), eval_samples_path=str(cell["samples"]["calib"]),
                     outputs={"json": str(tmp_path / "ladder.json")}, progress=lambda _: None)
     assert not (tmp_path / "ladder.json").exists()

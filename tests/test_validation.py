@@ -107,6 +107,7 @@ def _validated(checkpoint: Path, family: str, fmt: str, scope: str, dbs, coco, w
                                                                ("manifest", "quant_manifest.json"), ("state", "state.pt"))})
     lines: list[str] = []
     doc = validate_cell(**common, validation_cfg=validation_cfg or VALIDATION, manifest_path=str(cell / "quant_manifest.json"),
+                        state_path=str(cell / "state.pt"),
                         samples_path=str(samples["calib"]), eval_samples_path=str(samples["eval"]),
                         outputs={"json": str(cell / "validation.json"), "markdown": str(cell / "validation.md")},
                         progress=lines.append)
@@ -189,18 +190,19 @@ def test_validation_files_schema_and_provenance(planted, dbs, demo_coco, tmp_pat
     assert on_disk["ablations"]["correlation"]["kl"]["n"] == min(24, on_disk["n_groups"])
     assert on_disk["eval"]["samples"] == 12 and on_disk["eval"]["loss_tokens"] > 0
     assert 0 < on_disk["eval"]["text_layer_forwards_skipped"] < on_disk["eval"]["text_layer_forwards"]
-    assert set(on_disk["timings_s"]) >= {"load", "calibrate", "reference", "top-k", "ablations", "end-to-end"}
+    assert set(on_disk["timings_s"]) >= {"load", "restore", "reference", "top-k", "ablations", "end-to-end"}
     assert {"packages", "git", "inputs_sha256", "wall_time_s"} <= set(on_disk["provenance"])
     from vlmsens.provenance import sha256_file
 
     # hashed on a thread beside the measurement: still the files' own checksums
     assert on_disk["provenance"]["inputs_sha256"] == {
         "manifest": sha256_file(Path(doc["_dir"]) / "quant_manifest.json"),
+        "state": sha256_file(Path(doc["_dir"]) / "state.pt"),
         "samples": sha256_file(on_disk["dataset"]["calibration_samples"]),
         "held_out_samples": sha256_file(on_disk["dataset"]["held_out_samples"])}
     md = (Path(doc["_dir"]) / "validation.md").read_text()
     assert on_disk["verdict"] in md and "## One-group ablations" in md and "## End to end" in md
-    for phase in ("calibrate", "reference", "top-k", "ablations", "end-to-end"):
+    for phase in ("restore", "reference", "top-k", "ablations", "end-to-end"):
         assert any(line.startswith(f"{phase} done in") for line in doc["_lines"]), phase
 
 
@@ -216,7 +218,8 @@ def test_validation_is_deterministic(tiny_checkpoints, dbs, demo_coco, tmp_path_
     again = validate_cell(model_name=f"tiny_{family}", model_cfg={"family": family}, checkpoint=str(tiny_checkpoints[family]),
                           format_name="fp8_or_int8", formats_cfg=CANDIDATE_SET, scope="all-layers", size="small",
                           autoquant_cfg=AUTOQUANT, validation_cfg=QUICK_VALIDATION, batch_size=4, seed=0,
-                          manifest_path=str(cell / "quant_manifest.json"), samples_path=str(work / "calib-all-layers.pt"),
+                          manifest_path=str(cell / "quant_manifest.json"), state_path=str(cell / "state.pt"),
+                          samples_path=str(work / "calib-all-layers.pt"),
                           eval_samples_path=str(work / "eval-all-layers.pt"),
                           outputs={"json": str(tmp_path / "v.json"), "markdown": str(tmp_path / "v.md")}, progress=lambda _: None)
     first_on_disk = json.loads((cell / "validation.json").read_text())
@@ -235,7 +238,8 @@ def test_held_out_samples_must_not_overlap_calibration(planted, dbs, demo_coco, 
         validate_cell(model_name=f"tiny_{family}", model_cfg={"family": family}, checkpoint=str(planted[family]),
                       format_name="wint8_aint8", formats_cfg={}, scope="all-layers", size="small",
                       autoquant_cfg=AUTOQUANT, validation_cfg=VALIDATION, batch_size=4, seed=0,
-                      manifest_path=str(cell / "quant_manifest.json"), samples_path=calib, eval_samples_path=calib,
+                      manifest_path=str(cell / "quant_manifest.json"), state_path=str(cell / "state.pt"),
+                      samples_path=calib, eval_samples_path=calib,
                       outputs={"json": str(tmp_path / "v.json"), "markdown": str(tmp_path / "v.md")}, progress=lambda _: None)
     assert not (tmp_path / "v.json").exists() and not (tmp_path / "v.md").exists()
 
@@ -311,7 +315,7 @@ def _calibrated_search_model(checkpoint, family, dbs, demo_coco, tmp_path, scope
                     effective_bits=8.5, batch_size=4, device="cpu")
     clock = PhaseClock(lambda _: None)
     model, calib, device, dtype, _ = load_cell_model(spec, load_samples(paths["calib"])[0], clock)
-    model, state, _, _ = search(model, spec, calib, clock, score=False)
+    model, state, _, _ = search(model, spec, calib, clock)
     layers = [name.removesuffix(".quant_recipe") for name, stat in state["candidate_stats"].items() if len(stat["formats"]) > 1]
     switch = RecipeSwitch(model, spec.formats, layers)
     evaluator = Evaluator(model, device_batches(model, load_samples(paths["eval"])[0], 4, device, dtype))
@@ -332,6 +336,80 @@ def test_all_bf16_selection_does_no_damage_on_the_search_model(tiny_checkpoints,
     again = evaluator.measure()
     assert without_per_sample(again) == {"loss": bf16_loss, "loss_increase": 0.0, "kl": 0.0}
     assert set(again["per_sample"]["kl"]) == {0.0} and len(again["per_sample"]["kl"]) == len(evaluator.tokens)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_restored_calibration_measures_what_the_cells_own_model_does(family, tiny_checkpoints, dbs, demo_coco, tmp_path):
+    """Validate and ladder restore the cell's calibration from its saved search state instead of
+    calibrating again: no forward runs, and every configuration (each candidate format, mixed, vision
+    groups included) measures exactly what it measures on the model the cell calibrated and scored."""
+    from vlmsens.autoquant import (
+        CellSpec,
+        PhaseClock,
+        device_batches,
+        load_cell_model,
+        load_search_state,
+        load_spec_model,
+        save_search_state,
+        search,
+    )
+    from vlmsens.batches import load_samples
+    from vlmsens.families import get_family
+    from vlmsens.formats import format_registry, resolve_format
+    from vlmsens.validation import Evaluator, RecipeSwitch
+
+    checkpoint = tiny_checkpoints[family]
+    paths = {}
+    for name in ("calib", "eval"):
+        paths[name] = tmp_path / f"{name}.pt"
+        prepare_samples(checkpoint=str(checkpoint), calib_db=str(dbs[name]), coco_root=str(demo_coco), scope="all-layers",
+                        inputs="image+caption", prompts=PROMPTS, out_path=str(paths[name]), progress=lambda _: None)
+    spec = CellSpec(model="tiny", family=get_family(family), checkpoint=str(checkpoint), format_name="fp8_or_int8",
+                    formats=resolve_format("fp8_or_int8", format_registry(CANDIDATE_SET)), scope="all-layers", size="small",
+                    effective_bits=8.5, batch_size=4, device="cpu")
+    clock = PhaseClock(lambda _: None)
+    cell_model, calib, device, dtype, _ = load_cell_model(spec, load_samples(paths["calib"])[0], clock)
+    cell_model, state, _, _ = search(cell_model, spec, calib, clock)
+    save_search_state(state, tmp_path / "state.pt")
+
+    restored_model, _, _ = load_spec_model(spec, clock)
+    forwards = []
+    hook = restored_model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    restored_model, _, _, _ = search(restored_model, spec, [], clock, restore=load_search_state(tmp_path / "state.pt"))
+    hook.remove()
+    assert forwards == []
+
+    layers = [name.removesuffix(".quant_recipe") for name, stat in state["candidate_stats"].items() if len(stat["formats"]) > 1]
+    assert any(".visual." in f".{layer}" or layer.startswith(("visual", "model.visual")) for layer in layers)
+    eval_samples = load_samples(paths["eval"])[0]
+    selections = [dict.fromkeys(layers, "wint8_aint8"), dict.fromkeys(layers, "wfp8_afp8"),
+                  {layer: ("wfp8_afp8", "wint8_aint8", "bf16")[i % 3] for i, layer in enumerate(layers)}]
+    measured = {}
+    for name, model in (("cell", cell_model), ("restored", restored_model)):
+        switch = RecipeSwitch(model, spec.formats, layers)
+        evaluator = Evaluator(model, device_batches(model, eval_samples, 4, device, dtype))
+        switch.apply({})
+        evaluator.set_reference()
+        measured[name] = []
+        for selection in selections:
+            switch.apply(selection)
+            measured[name].append(evaluator.measure())
+    assert all(m["kl"] > 0 for m in measured["cell"])
+    assert measured["restored"] == measured["cell"]  # per-sample sums too, exactly
+
+
+def test_a_search_state_without_calibration_is_refused(tiny_checkpoints):
+    from vlmsens.autoquant import CellSpec, PhaseClock, load_spec_model, search
+    from vlmsens.families import get_family
+    from vlmsens.formats import format_registry, resolve_format
+
+    spec = CellSpec(model="tiny", family=get_family("qwen3_vl"), checkpoint=str(tiny_checkpoints["qwen3_vl"]),
+                    format_name="wint8_aint8", formats=resolve_format("wint8_aint8", format_registry({})), scope="lm-only",
+                    size="small", effective_bits=8.5, batch_size=4, device="cpu")
+    clock = PhaseClock(lambda _: None)
+    model, _, _ = load_spec_model(spec, clock)
+    with pytest.raises(VlmsensError, match=r"no calibration for \['wint8_aint8'\].*rerun the cell"):
+        search(model, spec, [], clock, restore={"candidate_stats": {"x": {}}, "quantizer_states": {}})
 
 
 def test_text_prefix_reuse_is_off_where_layers_are_not_found_or_return_tuples():

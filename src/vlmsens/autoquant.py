@@ -171,11 +171,8 @@ def _name_of(recipe, mapping) -> str:
     return str(recipe)
 
 
-def load_cell_model(spec: CellSpec, samples: list[dict], clock: PhaseClock):
-    """The cell's model on its device and its samples as device batches: (model, batches, device, dtype, plan).
-
-    ``plan`` says which batch size was used and why (fixed, or sized by memory).
-    """
+def load_spec_model(spec: CellSpec, clock: PhaseClock):
+    """The cell's checkpoint on its device, seeded, in eval mode: (model, device, dtype)."""
     import torch
 
     spec.validate()
@@ -188,7 +185,15 @@ def load_cell_model(spec: CellSpec, samples: list[dict], clock: PhaseClock):
         # batches and vision windows make most calls new shapes (docs/DESIGN.md, "Speed").
         torch.backends.cuda.enable_cudnn_sdp(False)
     clock.enter("load", spec.checkpoint)
-    model = load_model(spec.checkpoint, device, vision_attention=spec.vision_attention)
+    return load_model(spec.checkpoint, device, vision_attention=spec.vision_attention), device, dtype
+
+
+def load_cell_model(spec: CellSpec, samples: list[dict], clock: PhaseClock):
+    """The cell's model on its device and its samples as device batches: (model, batches, device, dtype, plan).
+
+    ``plan`` says which batch size was used and why (fixed, or sized by memory).
+    """
+    model, device, dtype = load_spec_model(spec, clock)
     plan = batch_plan(spec, model, samples, device)
     clock.progress(plan["reason"])
     plan["resident_gib"] = round(_resident_bytes(model, device) / 2**30, 3)
@@ -211,9 +216,10 @@ CPU_AUTO_BATCH = 8
 INFERENCE_BATCH_FACTOR = 4
 
 
-def inference_batch_size(plan: dict[str, Any], n_samples: int) -> int:
-    """The batch size of inference-only passes over ``n_samples`` samples, from the search's plan."""
-    return max(1, min(n_samples, plan["batch_size"] * INFERENCE_BATCH_FACTOR))
+def inference_batch_size(search_batch_size: int, n_samples: int, halvings: int = 0) -> int:
+    """The batch size of inference-only passes over ``n_samples`` samples, from the search's batch
+    size; each halving (an out-of-memory retry of the inference job) halves it."""
+    return max(1, min(n_samples, search_batch_size * INFERENCE_BATCH_FACTOR // 2**halvings))
 
 
 def batch_plan(spec: CellSpec, model, samples: list[dict], device: str) -> dict[str, Any]:
@@ -334,17 +340,32 @@ class ScoreDiffRelease:
         self.handles.clear()
 
 
-def search(model, spec: CellSpec, batches: list[dict], clock: PhaseClock, score: bool = True):
+def search_constraints(spec: CellSpec) -> tuple[dict[str, Any], list[str] | None]:
+    """The cell's ``auto_quantize`` constraints and disabled layers: lm-only keeps the vision tower
+    out of the search and out of the bit budget."""
+    constraints: dict[str, Any] = {"effective_bits": float(spec.effective_bits)}
+    if get_scope(spec.scope).searches_vision:
+        return constraints, None
+    constraints["cost"] = {"excluded_module_name_patterns": list(spec.family.vision_patterns)}
+    return constraints, list(spec.family.vision_patterns)
+
+
+def search(model, spec: CellSpec, batches: list[dict], clock: PhaseClock, restore: dict[str, Any] | None = None):
     """``mtq.auto_quantize`` as a vlmsens cell runs it: returns (model, search_state, constraints, disabled).
 
-    Calibration and scoring use every batch. ``score=False`` calibrates only, as the cell did, for
-    the jobs that re-create a cell's quantized model and never read its scores (validate, ladder):
-    ModelOpt's score loop then runs one step that computes nothing (the gradient method's, whatever
-    the cell's method: calibration is the same for both), so its scores are zero and its own
-    selection meaningless.
+    Calibration and scoring use every batch.
+
+    ``restore``: a cell's saved search state (``autoquant_state.pt``). ModelOpt resumes from it as
+    from its own checkpoint (``auto_quantize(checkpoint=...)``): each format's calibrated quantizers
+    are restored and scoring is skipped, so nothing runs forward and ``batches`` may be empty. For
+    the jobs that re-create a cell's quantized model (validate, ladder): the same quantizers as the
+    cell's, without calibrating again.
     """
     import modelopt.torch.quantization as mtq
     import torch
+
+    if restore is not None:
+        return _restored_search(model, spec, restore, clock)
 
     release = ScoreDiffRelease()
     # An lm-only search neither quantizes nor scores the vision tower: each batch's image features
@@ -363,8 +384,6 @@ def search(model, spec: CellSpec, batches: list[dict], clock: PhaseClock, score:
         return logits
 
     def forward_backward_step(model, batch):
-        if not score:
-            return
         clock.batch("score")
         if not release.handles:
             release.attach(model)
@@ -373,19 +392,14 @@ def search(model, spec: CellSpec, batches: list[dict], clock: PhaseClock, score:
         loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
         loss.backward()
 
-    constraints: dict[str, Any] = {"effective_bits": float(spec.effective_bits)}
-    disabled = None
-    if not get_scope(spec.scope).searches_vision:
-        disabled = list(spec.family.vision_patterns)
-        constraints["cost"] = {"excluded_module_name_patterns": list(spec.family.vision_patterns)}
+    constraints, disabled = search_constraints(spec)
 
     formats_cfg = [f.modelopt_config for f in spec.formats]
     n_steps = len(batches)
     # ModelOpt calibrates each format on every batch; the gradient method scores all formats in one
     # pass per batch (kl_div runs a pass per group and format: no total known in advance).
-    method = spec.method if score else "gradient"
-    score_steps = n_steps if score else 1
-    clock.expected.update(calibrate=n_steps * len(formats_cfg), **({"score": score_steps} if score and method == "gradient" else {}))
+    method = spec.method
+    clock.expected.update(calibrate=n_steps * len(formats_cfg), **({"score": n_steps} if method == "gradient" else {}))
     try:
         with gradient_checkpointing(model, spec.gradient_checkpointing):
             model, search_state = mtq.auto_quantize(
@@ -397,7 +411,7 @@ def search(model, spec: CellSpec, batches: list[dict], clock: PhaseClock, score:
                 forward_backward_step=forward_backward_step if method == "gradient" else None,
                 disabled_layers=disabled,
                 num_calib_steps=n_steps,
-                num_score_steps=score_steps,
+                num_score_steps=n_steps,
                 method=method,
                 verbose=False,
             )
@@ -407,6 +421,62 @@ def search(model, spec: CellSpec, batches: list[dict], clock: PhaseClock, score:
         ) from err
     finally:
         release.detach()
+    return model, search_state, constraints, disabled
+
+
+def save_search_state(search_state: dict[str, Any], path: str | os.PathLike) -> None:
+    """A cell's ModelOpt search state, written as ModelOpt writes its search checkpoints, so that
+    ``mtq.auto_quantize(..., checkpoint=path)`` resumes from it (and loads it with ``weights_only``)."""
+    from modelopt.torch.utils.serialization import safe_save
+
+    safe_save(search_state, path)
+
+
+def load_search_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The ModelOpt search state saved by a cell (a pickle: trusted, our own output; older cells
+    wrote it without ModelOpt's sanitising, so it is not loaded with ``weights_only``)."""
+    import modelopt.torch.quantization  # noqa: F401  (QuantRecipe objects inside the pickle)
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _restored_search(model, spec: CellSpec, state: dict[str, Any], clock: PhaseClock):
+    """search() from a cell's saved state: ModelOpt restores every format's calibration, skips scoring."""
+    import tempfile
+
+    import modelopt.torch.quantization as mtq
+
+    calibrated = state.get("quantizer_states") or {}
+    missing = [name for recipe, name in _recipe_name_map(spec.formats).items() if name != NO_QUANT and recipe not in calibrated]
+    if not state.get("candidate_stats") or missing:
+        raise VlmsensError(
+            "the cell's search state holds no " + (f"calibration for {missing}" if missing else "scores")
+            + " (written by an older vlmsens or an interrupted cell): rerun the cell")
+
+    def no_forward(model, batch):
+        raise VlmsensError("ModelOpt asked to calibrate or score again instead of restoring the cell's search state; "
+                           "the state does not match this checkpoint or ModelOpt version: rerun the cell")
+
+    constraints, disabled = search_constraints(spec)
+    with tempfile.TemporaryDirectory(prefix="vlmsens-search-state-") as folder:
+        # a copy: ModelOpt may write to its checkpoint, and the cell's file is a workflow output
+        checkpoint = os.path.join(folder, "search_state.pth")
+        save_search_state(state, checkpoint)
+        model, search_state = mtq.auto_quantize(
+            model,
+            constraints=constraints,
+            quantization_formats=[f.modelopt_config for f in spec.formats],
+            data_loader=[],
+            forward_step=no_forward,
+            forward_backward_step=no_forward if spec.method == "gradient" else None,
+            disabled_layers=disabled,
+            num_calib_steps=0,
+            num_score_steps=0,
+            method=spec.method,
+            checkpoint=checkpoint,
+            verbose=False,
+        )
     return model, search_state, constraints, disabled
 
 
@@ -428,7 +498,6 @@ def run_autoquant(
     ``read_s``: the time the caller spent reading ``samples`` from disk; the timings start with it
     (phase ``read``), so that they hold all of the cell's work and a job's wall less them is its start-up.
     """
-    import torch
     from modelopt.torch.opt.utils import named_hparams
     from modelopt.torch.quantization.algorithms import QuantRecipe, QuantRecipeHparam
 
@@ -480,7 +549,7 @@ def run_autoquant(
             }
         )
     if state_path is not None:
-        torch.save(search_state, state_path)
+        save_search_state(search_state, state_path)
     peak = _peak_memory(device)
     timings = clock.stop()
     return {

@@ -195,3 +195,10 @@ def load_samples(path: str | Path) -> tuple[list[dict], dict]:
 
     payload = torch.load(path, weights_only=True)
     return payload["samples"], payload["meta"]
+
+
+def load_samples_meta(path: str | Path) -> dict:
+    """A samples file's meta alone: its tensors are memory-mapped, never read (GBs at the large size)."""
+    import torch
+
+    return torch.load(path, weights_only=True, mmap=True)["meta"]

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from . import provenance
-from .autoquant import CellSpec, run_autoquant
-from .batches import PromptSettings, encode_samples, load_samples, save_samples
+from .autoquant import CellSpec, load_search_state, run_autoquant
+from .batches import PromptSettings, encode_samples, load_samples, load_samples_meta, save_samples
 from .calib import read_calib_db
 from .config import AutoquantSettings, LadderSettings, ValidationSettings
 from .errors import VlmsensError
@@ -22,7 +22,7 @@ from .formats import format_bits, format_registry, resolve_format
 from .io import atomic_path, atomic_write_json, atomic_write_text
 from .ladder import run_ladder
 from .models import load_processor
-from .recipes import load_search_state, make_recipe
+from .recipes import make_recipe
 from .render import sensitivity_json, sensitivity_markdown
 from .reports.export import export_doc
 from .reports.validate import validation_doc
@@ -202,6 +202,7 @@ def validate_cell(
     *,
     validation_cfg: dict[str, Any],
     manifest_path: str,
+    state_path: str,
     samples_path: str,
     eval_samples_path: str,
     outputs: dict[str, str],
@@ -209,7 +210,7 @@ def validate_cell(
     **cell: Any,
 ) -> dict[str, Any]:
     """Measure whether the cell's ranking predicts real damage; writes validation.json and .md."""
-    doc = _held_out_job("validate", cell, (manifest_path, samples_path, eval_samples_path),
+    doc = _held_out_job("validate", cell, (manifest_path, state_path, samples_path, eval_samples_path),
                         lambda seed: ValidationSettings.from_config(validation_cfg, seed), run_validation, progress)
     atomic_write_text(outputs["markdown"], validation_doc(doc).to_markdown())
     atomic_write_json(outputs["json"], doc)
@@ -220,6 +221,7 @@ def ladder_cell(
     *,
     ladder_cfg: dict[str, Any],
     manifest_path: str,
+    state_path: str,
     samples_path: str,
     eval_samples_path: str,
     outputs: dict[str, str],
@@ -227,31 +229,36 @@ def ladder_cell(
     **cell: Any,
 ) -> dict[str, Any]:
     """Measure the cell's recipes across a ladder of budgets on the held-out samples; writes ladder.json."""
-    doc = _held_out_job("ladder", cell, (manifest_path, samples_path, eval_samples_path),
+    doc = _held_out_job("ladder", cell, (manifest_path, state_path, samples_path, eval_samples_path),
                         lambda seed: LadderSettings.from_config(ladder_cfg, seed), run_ladder, progress,
                         detail=lambda settings: f", {len(settings.bits_above_uniform)} rungs")
     atomic_write_json(outputs["json"], doc)
     return doc
 
 
-def _held_out_job(job: str, cell: dict[str, Any], paths: tuple[str, str, str], settings_for: Callable[[int], Any],
+def _held_out_job(job: str, cell: dict[str, Any], paths: tuple[str, str, str, str], settings_for: Callable[[int], Any],
                   run: Callable[..., dict[str, Any]], progress: Callable[[str], None],
                   detail: Callable[[Any], str] = lambda settings: "") -> dict[str, Any]:
-    """What validate and ladder do around their measurement: read the cell's manifest and samples
-    (checked as one pair), build their settings, run ``run`` and wrap its body into the document."""
+    """What validate and ladder do around their measurement: read the cell's manifest and search
+    state and the held-out samples (checked against the calibration samples' meta: the samples
+    themselves are not read, the search state holds their calibration), build their settings, run
+    ``run`` and wrap its body into the document."""
     started = time.perf_counter()
-    manifest_path, samples_path, eval_samples_path = paths
+    manifest_path, state_path, samples_path, eval_samples_path = paths
     # hashed beside the measurement (GBs of samples at the large size), not after it
-    checksums = provenance.InputChecksums({"manifest": manifest_path, "samples": samples_path,
+    checksums = provenance.InputChecksums({"manifest": manifest_path, "state": state_path, "samples": samples_path,
                                            "held_out_samples": eval_samples_path})
     manifest = json.loads(Path(manifest_path).read_text())
     spec = _as_calibrated(manifest, cell)
-    calib, calib_meta, held_out, eval_meta, inputs = _held_out_pair(spec, manifest, manifest_path, samples_path, eval_samples_path)
+    _, calib_meta, held_out, eval_meta, inputs = _held_out_pair(spec, manifest, manifest_path, samples_path, eval_samples_path,
+                                                                 calibration=False)
+    state = load_search_state(state_path)
     settings = settings_for(spec.seed)
-    progress(f"{job} {spec.model}/{spec.format_name}/{spec.scope}/{spec.size}: {len(calib)} calibration, "
-             f"{len(held_out)} held-out samples{detail(settings)}")
-    body = run(spec, manifest, calib, held_out, settings, progress=progress)
-    return _held_out_doc(spec, manifest, body, inputs, paths, (calib_meta, eval_meta), started, checksums)
+    progress(f"{job} {spec.model}/{spec.format_name}/{spec.scope}/{spec.size}: the cell's calibration on "
+             f"{manifest['batches']['samples']} samples, {len(held_out)} held-out samples{detail(settings)}")
+    body = run(spec, manifest, state, held_out, settings, progress=progress)
+    return _held_out_doc(spec, manifest, body, inputs, (manifest_path, samples_path, eval_samples_path),
+                         (calib_meta, eval_meta), started, checksums)
 
 
 def export_cell(
@@ -323,14 +330,16 @@ def _held_out_doc(spec: CellSpec, manifest: dict[str, Any], body: dict[str, Any]
 
 
 def _held_out_pair(spec: CellSpec, manifest: dict[str, Any], manifest_path: str, samples_path: str,
-                   eval_samples_path: str) -> tuple[list[dict], dict[str, Any], list[dict], dict[str, Any], str]:
+                   eval_samples_path: str, calibration: bool = True
+                   ) -> tuple[list[dict] | None, dict[str, Any], list[dict], dict[str, Any], str]:
     """The cell's calibration samples and the held-out ones, checked to belong to the cell and to each
-    other (formats, scope, inputs, no shared image): (calib, its meta, held-out, its meta, inputs)."""
+    other (formats, scope, inputs, no shared image): (calib, its meta, held-out, its meta, inputs).
+    ``calibration=False`` reads the calibration samples' meta only (calib is None)."""
     if [f.name for f in spec.formats] != manifest["cell"]["candidates"]:
         raise VlmsensError(
             f"{manifest_path} was made with formats {manifest['cell']['candidates']}, the config now gives "
             f"{[f.name for f in spec.formats]}: rerun the cell")
-    calib, calib_meta = load_samples(samples_path)
+    calib, calib_meta = load_samples(samples_path) if calibration else (None, load_samples_meta(samples_path))
     held_out, eval_meta = load_samples(eval_samples_path)
     inputs = _samples_inputs(samples_path, calib_meta, spec.scope)
     if _samples_inputs(eval_samples_path, eval_meta, spec.scope) != inputs:

@@ -12,7 +12,7 @@ search model
 and measures, on the held-out evaluation subset, the KL divergence from the BF16 model and the
 caption-loss change per caption token, with uniform quantization (the lowest rung's bits) and BF16
 (no damage) on the same axes. It reuses the measuring machinery of :mod:`vlmsens.validation`: the
-cell's search model calibrated as the cell was, one ``RecipeSwitch`` over its groups, one
+cell's search model with the cell's own calibration, one ``RecipeSwitch`` over its groups, one
 ``Evaluator`` against the BF16 reference on the same tokens for every point.
 """
 
@@ -88,7 +88,7 @@ def _mean(points: list[dict[str, Any]]) -> dict[str, float]:
 def run_ladder(
     spec: CellSpec,
     manifest: dict[str, Any],
-    calib_samples: list[dict],
+    search_state: dict[str, Any],
     eval_samples: list[dict],
     settings: LadderSettings,
     *,
@@ -99,7 +99,7 @@ def run_ladder(
 
     clock = PhaseClock(progress)
     plan = ladder_plan(manifest, settings, np.random.default_rng(settings.seed))
-    held_out = HeldOutModel(spec, manifest, calib_samples, eval_samples, clock)
+    held_out = HeldOutModel(spec, manifest, search_state, eval_samples, clock)
     reference_loss = held_out.set_reference(plan["bf16"])
 
     def measure(selection: dict[str, str]) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .autoquant import NO_QUANT
+from .autoquant import NO_QUANT, load_search_state
 
 log = logging.getLogger(__name__)
 
@@ -321,14 +321,6 @@ def selection_from_quant_cfg(manifest: dict[str, Any], quant_cfg: dict[str, Any]
         else:
             selection[g["layer"]] = (matches or quantized)[0]
     return selection
-
-
-def load_search_state(path: str | Path) -> dict[str, Any]:
-    """The ModelOpt search state saved by a cell (a pickle: trusted, our own output)."""
-    import modelopt.torch.quantization  # noqa: F401  (QuantRecipe objects inside the pickle)
-    import torch
-
-    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def modelopt_quant_cfg(search_state: dict[str, Any], budget_bits: float) -> dict[str, Any]:

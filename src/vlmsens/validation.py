@@ -23,8 +23,8 @@ per caption token (never negative, so ratios mean something); the change of the 
 reported next to it. Every measurement keeps its per-sample sums, so intervals come from a
 bootstrap over the held-out samples (and, for correlations, over the ablated groups within each
 tower, and for random baselines over the draws) without measuring anything twice. The quantized
-model is ModelOpt's own AutoQuantize search model, calibrated on the cell's samples exactly as the
-cell was: each group switches between its calibrated formats and BF16 through ModelOpt's
+model is ModelOpt's own AutoQuantize search model with the cell's own calibration (restored from
+the cell's search state, not recomputed): each group switches between its calibrated formats and BF16 through ModelOpt's
 ``QuantRecipeHparam.active``, so one calibration serves every configuration and candidate sets mix
 formats per group as deployed.
 """
@@ -46,7 +46,7 @@ from .autoquant import (
     caption_logits,
     device_batches,
     inference_batch_size,
-    load_cell_model,
+    load_spec_model,
     recipes_by_name,
     search,
 )
@@ -595,22 +595,23 @@ def _quantized(selection: dict[str, str]) -> int:
 
 
 class HeldOutModel:
-    """The cell's model calibrated as the cell was, its searched groups switchable, measured on held-out batches.
+    """The cell's search model with the cell's own calibration, its searched groups switchable,
+    measured on held-out batches.
 
-    What validate and ladder share: load the cell's checkpoint and batches, calibrate on the cell's
-    samples without scoring, batch the held-out samples for inference, and measure configurations
-    (format per group) against the BF16 reference, reusing the vision tower's features while a
-    configuration leaves the tower BF16, and then the BF16 outputs of the text layers before its
-    first quantized one.
+    What validate and ladder share: load the cell's checkpoint, restore the calibrated quantizers
+    from the cell's saved search state (ModelOpt resumes from it as from its own checkpoint: no
+    forward runs), batch the held-out samples for inference, and measure configurations (format per
+    group) against the BF16 reference, reusing the vision tower's features while a configuration
+    leaves the tower BF16, and then the BF16 outputs of the text layers before its first quantized one.
     """
 
-    def __init__(self, spec: CellSpec, manifest: dict[str, Any], calib_samples: list[dict], eval_samples: list[dict],
+    def __init__(self, spec: CellSpec, manifest: dict[str, Any], search_state: dict[str, Any], eval_samples: list[dict],
                  clock: PhaseClock):
-        model, calib_batches, self.device, self.dtype, plan = load_cell_model(spec, calib_samples, clock)
-        self.eval_batches = device_batches(model, eval_samples, inference_batch_size(plan, len(eval_samples)),
-                                           self.device, self.dtype)
-        clock.enter("calibrate", f"{len(calib_samples)} calibration samples, as the cell")
-        model, _, _, _ = search(model, spec, calib_batches, clock, score=False)
+        model, self.device, self.dtype = load_spec_model(spec, clock)
+        batch_size = inference_batch_size(int(manifest["config"]["batch_size_used"]), len(eval_samples), spec.batch_halvings)
+        self.eval_batches = device_batches(model, eval_samples, batch_size, self.device, self.dtype)
+        clock.enter("restore", "the cell's calibrated quantizers, from its search state")
+        model, _, _, _ = search(model, spec, [], clock, restore=search_state)
         self.switch = RecipeSwitch(model, spec.formats, [g["layer"] for g in manifest["groups"]])
         self.evaluator = Evaluator(model, self.eval_batches, spec.family.vision_patterns)
         self.vision_layers = {g["layer"] for g in manifest["groups"] if g["tower"] == "vision"}
@@ -648,7 +649,7 @@ class HeldOutModel:
 def run_validation(
     spec: CellSpec,
     manifest: dict[str, Any],
-    calib_samples: list[dict],
+    search_state: dict[str, Any],
     eval_samples: list[dict],
     settings: ValidationSettings,
     *,
@@ -669,7 +670,7 @@ def run_validation(
     share = weight_share(manifest)
     weight_tolerance = min(share.values())
 
-    held_out = HeldOutModel(spec, manifest, calib_samples, eval_samples, clock)
+    held_out = HeldOutModel(spec, manifest, search_state, eval_samples, clock)
     reference_loss = held_out.set_reference({})
     evaluator = held_out.evaluator
     boot = Bootstrap(evaluator.tokens, settings.bootstrap_resamples, settings.seed)

@@ -1,0 +1,186 @@
+"""Where a validation forward's time goes, on full-size Qwen-VL architectures (random weights).
+
+A validation measures about 60 configurations, each a forward over the held-out samples. For each
+family this script runs a short AutoQuantize cell (for the search state), rebuilds the held-out
+model as rule ``validate`` does (:class:`vlmsens.validation.HeldOutModel`), and times forwards over
+``--eval-samples`` synthetic held-out samples:
+
+* ``text_bf16``: everything BF16, the vision features reused (what an lm-only configuration costs
+  at least);
+* ``vision_bf16``: everything BF16, the vision tower recomputed;
+* ``text_quantized`` / ``vision_quantized`` / ``all_quantized``: every text group, every vision
+  group, or every group quantized with the cell's format;
+
+each the best of ``--repeats`` runs (CUDA synchronised). Then the patch embedding alone on one
+held-out batch (``nn.Conv3d`` with stride = kernel, as transformers ships it, against cuDNN off and
+against the same weights as one matrix product), the vision-recomputing configurations again with
+cuDNN's convolutions off, and a torch.profiler table of one ``all_quantized`` forward.
+
+Usage (on a GPU machine; see bench/RESULTS.md):
+    python bench/validation_forward_bench.py --workdir /tmp/vf --out $OUT/validation_forward
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "bench"))
+
+from gpu_cell_bench import build_checkpoint, prebuild_extensions, synthetic_samples  # noqa: E402
+
+
+def _timed(fn, repeats: int) -> float:
+    import torch
+
+    best = float("inf")
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def patch_embed_times(model, pixel_values, repeats: int) -> dict[str, float]:
+    """The patch embedding of one batch: as shipped, with cuDNN off, and as one matrix product."""
+    import torch
+
+    embed = model.model.visual.patch_embed if hasattr(model, "model") else model.visual.patch_embed
+    conv = embed.proj
+    weight = conv.weight.reshape(conv.out_channels, -1)
+
+    def as_linear():
+        x = pixel_values.view(-1, weight.shape[1]).to(weight.dtype)
+        return torch.nn.functional.linear(x, weight, conv.bias)
+
+    with torch.inference_mode():
+        shipped = embed(pixel_values)
+        linear = as_linear()
+        times = {"conv3d_s": _timed(lambda: embed(pixel_values), repeats)}
+        with torch.backends.cudnn.flags(enabled=False):
+            times["conv3d_cudnn_off_s"] = _timed(lambda: embed(pixel_values), repeats)
+        times["linear_s"] = _timed(as_linear, repeats)
+        times["max_abs_difference_linear"] = float((shipped.float() - linear.float()).abs().max())
+    times["patches"] = int(pixel_values.shape[0])
+    return times
+
+
+def run_family(args, family: str) -> dict:
+    import gc
+
+    import torch
+
+    from vlmsens.autoquant import CellSpec, PhaseClock, load_search_state, run_autoquant
+    from vlmsens.families import get_family
+    from vlmsens.formats import format_bits, format_registry, resolve_format
+    from vlmsens.validation import HeldOutModel
+
+    report: dict = {}
+    checkpoint = build_checkpoint(family, args.size, args.workdir / f"{family}-{args.size}", args.device)
+    formats = resolve_format(args.format, format_registry({}))
+    spec = CellSpec(model=f"{family}-{args.size}", family=get_family(family), checkpoint=str(checkpoint),
+                    format_name=args.format, formats=formats, scope="all-layers", size=str(args.cell_samples),
+                    effective_bits=8.5, method="gradient", batch_size=0, gpu_memory_gib=args.gpu_memory_gib,
+                    device=args.device, gradient_checkpointing=True)
+    state_path = args.workdir / f"{family}-state.pt"
+    result = run_autoquant(spec, synthetic_samples(family, args.size, args.cell_samples, "all-layers", seed=0),
+                           progress=lambda line: print(f"[cell] {line}", flush=True), state_path=str(state_path))
+    report["cell_phases_s"] = result["timings_s"]
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+    manifest = {"cell": {"candidates": [f.name for f in formats]}, "formats": {f.name: {"bits": format_bits(f)} for f in formats},
+                "search": result["search"], "groups": result["groups"],
+                "config": {"batch_size_used": result["batch_plan"]["batch_size"]}}
+    held_out_samples = synthetic_samples(family, args.size, args.eval_samples, "all-layers", seed=1)
+    clock = PhaseClock(lambda line: print(f"[held-out] {line}", flush=True))
+    held_out = HeldOutModel(spec, manifest, load_search_state(state_path), held_out_samples, clock)
+    report["eval_batches"] = [int(b["input_ids"].shape[0]) for b in held_out.eval_batches]
+    report["reference_s"] = _timed(lambda: held_out.set_reference({}), 1)
+    evaluator = held_out.evaluator
+    groups = result["groups"]
+    text = {g["layer"]: args.format for g in groups if g["tower"] != "vision"}
+    vision = {g["layer"]: args.format for g in groups if g["tower"] == "vision"}
+
+    def bf16_with_vision(recompute: bool):
+        def run():
+            held_out.switch.apply({})
+            evaluator.vision_bf16, evaluator.text_start = not recompute, 0
+            evaluator.measure()
+        return run
+
+    configurations = {
+        "text_bf16": bf16_with_vision(False),
+        "vision_bf16": bf16_with_vision(True),
+        "text_quantized": lambda: held_out.measure(text),
+        "vision_quantized": lambda: held_out.measure(vision),
+        "all_quantized": lambda: held_out.measure({**text, **vision}),
+    }
+    report["forward_s"] = {name: _timed(run, args.repeats) for name, run in configurations.items()}
+    with torch.backends.cudnn.flags(enabled=False):
+        report["forward_cudnn_off_s"] = {name: _timed(configurations[name], args.repeats)
+                                         for name in ("vision_bf16", "vision_quantized", "all_quantized")}
+    first = held_out.eval_batches[0]
+    held_out.switch.apply({})
+    report["patch_embed_bf16"] = patch_embed_times(evaluator.model, first["pixel_values"], args.repeats)
+    held_out.switch.apply(vision)
+    report["patch_embed_quantized"] = patch_embed_times(evaluator.model, first["pixel_values"], args.repeats)
+    report["groups"] = {"text": len(text), "vision": len(vision)}
+
+    if args.profile and torch.cuda.is_available():
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            configurations["all_quantized"]()
+            torch.cuda.synchronize()
+        (args.out / f"{family}-all_quantized.profile.txt").write_text(
+            prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70) + "\n\n"
+            + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
+    return report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/vlmsens-validation-forward"))
+    parser.add_argument("--out", type=Path, default=Path("validation_forward"))
+    parser.add_argument("--family", action="append", default=[])
+    parser.add_argument("--format", default="wint8_aint8")
+    parser.add_argument("--cell-samples", type=int, default=16)
+    parser.add_argument("--eval-samples", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--gpu-memory-gib", type=float, default=24.0)
+    parser.add_argument("--size", default="full", choices=["full", "tiny"], help="tiny: a CPU smoke run of this script")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args(argv)
+    import gc
+
+    import torch
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
+    if args.device.startswith("cuda"):
+        report["extensions_s"] = prebuild_extensions("int8" if "int8" in args.format else "fp8")
+    for family in args.family or ["qwen2_5_vl", "qwen3_vl"]:
+        report[family] = run_family(args, family)
+        gc.collect()  # the family's models go with run_family's frame
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        (args.out / "validation_forward.json").write_text(json.dumps(report, indent=2))
+        print(json.dumps({family: report[family]}, indent=2), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
