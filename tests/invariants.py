@@ -134,6 +134,11 @@ def check_validation(doc: dict[str, Any], manifest: dict[str, Any]) -> None:
     text_layers = 1 + max(g["block"] for g in manifest["groups"] if g["tower"] == "text")
     assert ev["text_layer_forwards"] == ev["configurations_measured"] * ev["batches"] * text_layers
     assert 0 <= ev["text_layer_forwards_skipped"] < ev["text_layer_forwards"]
+    # the BF16 reference recorded each batch's text layers once, on the GPU within its budget or on the host
+    recordings = ev["text_layer_recordings"]
+    assert recordings["on_device"] + recordings["on_host"] == ev["batches"] * text_layers
+    if not doc["device"]["device"].startswith("cuda"):
+        assert recordings["on_device"] == 0
 
 
 def check_interval(value: float | None, interval: list[float], doc: dict[str, Any]) -> None:

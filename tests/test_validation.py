@@ -412,6 +412,31 @@ def test_a_search_state_without_calibration_is_refused(tiny_checkpoints):
         search(model, spec, [], clock, restore={"candidate_stats": {"x": {}}, "quantizer_states": {}})
 
 
+def test_text_layer_recordings_stay_on_the_gpu_only_within_the_budget(monkeypatch):
+    """The reference's recordings go to the host off the GPU, without a budget, or past the budget's reserved memory."""
+    import torch
+
+    from vlmsens.prefix_reuse import TextPrefixReuse
+
+    class CudaLike:
+        is_cuda, device = True, "cuda:0"
+
+        def numel(self):
+            return 1000
+
+        def element_size(self):
+            return 2
+
+    reserved = {"bytes": 0}
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: reserved["bytes"])
+    reuse = TextPrefixReuse(object(), device_budget_bytes=10_000)
+    assert reuse._keep_on_device(CudaLike())
+    reserved["bytes"] = 8_001  # 8,001 reserved + 2,000 recorded > 10,000
+    assert not reuse._keep_on_device(CudaLike())
+    assert not TextPrefixReuse(object())._keep_on_device(CudaLike())  # no budget: the host
+    assert not reuse._keep_on_device(torch.zeros(3))  # a CPU tensor stays where it is: nothing to keep
+
+
 def test_text_prefix_reuse_is_off_where_layers_are_not_found_or_return_tuples():
     """No text decoder layers, or layers returning a tuple (older transformers): nothing recorded, nothing skipped."""
     import torch

@@ -216,6 +216,17 @@ CPU_AUTO_BATCH = 8
 INFERENCE_BATCH_FACTOR = 4
 
 
+def device_memory_budget(spec: CellSpec, device: str) -> float | None:
+    """The GPU memory (bytes) a job may reserve: ``gpu_memory_gib``, or the card less the margin; None off the GPU."""
+    if not device.startswith("cuda"):
+        return None
+    if spec.gpu_memory_gib is not None:
+        return spec.gpu_memory_gib * 2**30 - MEMORY_MARGIN_GIB * 2**30
+    import torch
+
+    return torch.cuda.get_device_properties(torch.device(device)).total_memory - MEMORY_MARGIN_GIB * 2**30
+
+
 def inference_batch_size(search_batch_size: int, n_samples: int, halvings: int = 0) -> int:
     """The batch size of inference-only passes over ``n_samples`` samples, from the search's batch
     size; each halving (an out-of-memory retry of the inference job) halves it."""

@@ -2,8 +2,8 @@
 
 A configuration whose earliest quantized group sits in text layer b (its vision tower BF16)
 computes in layers 0..b-1 exactly what the BF16 reference computed, so validation need not run
-them again: during the reference pass every text layer's output is recorded (on the host: all of
-them at full size are GBs), and while a configuration is measured layer b-1 hands back its
+them again: during the reference pass every text layer's output is recorded (GBs at full size: on
+the GPU while a memory budget holds them, on the host beyond it), and while a configuration is measured layer b-1 hands back its
 recorded output and the layers before it hand back their input unchanged (a value layer b-1 then
 ignores). The model's own forward still runs around them, so rotary embeddings, masks and
 Qwen3-VL's deepstack additions after the first layers are applied by transformers as shipped; the
@@ -43,13 +43,20 @@ class TextPrefixReuse:
     ``supported`` is false when the decoder layers cannot be found or do not return a bare tensor
     (older transformers returned tuples); nothing is then recorded or skipped. The layers' own
     ``forward`` is replaced only inside :meth:`skipping`, so calibration and the search never see it.
+
+    ``device_budget_bytes``: how much GPU memory the process may reserve in all; recordings stay on
+    the GPU while the caching allocator's reserved memory plus the recording fits it (the forwards
+    that follow reuse what the reference's own activations reserved), and go to pinned host memory
+    beyond. None: every recording goes to the host.
     """
 
-    def __init__(self, model, vision_patterns: tuple[str, ...] = VISION_PATTERNS):
+    def __init__(self, model, vision_patterns: tuple[str, ...] = VISION_PATTERNS, device_budget_bytes: float | None = None):
         found = text_layers(model, vision_patterns)
         self.name, self.layers = found if found is not None else ("", None)
         self.vision_patterns = vision_patterns
         self.supported = found is not None
+        self.device_budget_bytes = device_budget_bytes
+        self.kept_on_device = self.sent_to_host = 0
         self._outputs: dict[Any, list[Any]] = {}
 
     @property
@@ -78,6 +85,15 @@ class TextPrefixReuse:
 
     def clear(self) -> None:
         self._outputs.clear()
+        self.kept_on_device = self.sent_to_host = 0
+
+    def _keep_on_device(self, tensor) -> bool:
+        import torch
+
+        if self.device_budget_bytes is None or not tensor.is_cuda:
+            return False
+        size = tensor.numel() * tensor.element_size()
+        return torch.cuda.memory_reserved(tensor.device) + size <= self.device_budget_bytes
 
     @contextlib.contextmanager
     def recording(self, key: Any) -> Iterator[None]:
@@ -92,9 +108,16 @@ class TextPrefixReuse:
         # a forward hook sees the layer's own output, before the model adds anything to it (deepstack)
         def hook(index):
             def record(module, args, output):
-                # asynchronous, into pinned host memory: a synchronous copy per layer cost ~3.5 s per
-                # reference pass at full size (H100), in stream order with every later use
-                outputs[index] = output.detach().to("cpu", non_blocking=True) if isinstance(output, torch.Tensor) else None
+                if not isinstance(output, torch.Tensor):
+                    outputs[index] = None
+                elif self._keep_on_device(output):
+                    outputs[index] = output.detach().clone()
+                    self.kept_on_device += 1
+                else:
+                    # asynchronous, into pinned host memory: a synchronous copy per layer cost ~3.5 s per
+                    # reference pass at full size (H100), in stream order with every later use
+                    outputs[index] = output.detach().to("cpu", non_blocking=True)
+                    self.sent_to_host += 1
             return record
 
         handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(self.layers)]

@@ -45,6 +45,7 @@ from .autoquant import (
     _peak_memory,
     caption_logits,
     device_batches,
+    device_memory_budget,
     inference_batch_size,
     load_spec_model,
     recipes_by_name,
@@ -513,13 +514,14 @@ class Evaluator:
     the measurements, the text-layer forwards a full forward runs and those skipped.
     """
 
-    def __init__(self, model, batches: list[dict], vision_patterns: tuple[str, ...] = VISION_PATTERNS):
+    def __init__(self, model, batches: list[dict], vision_patterns: tuple[str, ...] = VISION_PATTERNS,
+                 device_budget_bytes: float | None = None):
         self.model, self.batches = model, batches
         self.reference = None
         self.tokens: list[int] = []
         self.vision = VisionFeatures(model)
         self.vision_bf16 = False
-        self.prefix = TextPrefixReuse(model, vision_patterns)
+        self.prefix = TextPrefixReuse(model, vision_patterns, device_budget_bytes)
         self.text_start = 0
         self.text_layer_forwards = self.text_layer_forwards_skipped = 0
 
@@ -613,7 +615,7 @@ class HeldOutModel:
         clock.enter("restore", "the cell's calibrated quantizers, from its search state")
         model, _, _, _ = search(model, spec, [], clock, restore=search_state)
         self.switch = RecipeSwitch(model, spec.formats, [g["layer"] for g in manifest["groups"]])
-        self.evaluator = Evaluator(model, self.eval_batches, spec.family.vision_patterns)
+        self.evaluator = Evaluator(model, self.eval_batches, spec.family.vision_patterns, device_memory_budget(spec, self.device))
         self.vision_layers = {g["layer"] for g in manifest["groups"] if g["tower"] == "vision"}
         self.group_modules = {g["layer"]: [g["layer"], *g.get("modules", [])] for g in manifest["groups"]}
         self.measured = 0
@@ -623,7 +625,12 @@ class HeldOutModel:
         """Measure the reference configuration (``selection``, all BF16 in effect); returns its loss."""
         self._clock.enter("reference", f"BF16 on {sum(int(b['input_ids'].shape[0]) for b in self.eval_batches)} held-out samples")
         self.switch.apply(selection)
-        return self.evaluator.set_reference()
+        loss = self.evaluator.set_reference()
+        prefix = self.evaluator.prefix
+        if prefix.supported:
+            self._clock.progress(f"reference: {prefix.kept_on_device + prefix.sent_to_host} text-layer outputs recorded, "
+                                 f"{prefix.kept_on_device} on the GPU, {prefix.sent_to_host} on the host")
+        return loss
 
     def measure(self, selection: dict[str, str]) -> dict[str, Any]:
         """KL to the reference and loss of ``selection`` (groups not named stay BF16), per sample too."""
@@ -637,8 +644,10 @@ class HeldOutModel:
 
     def reuse_record(self) -> dict[str, int]:
         """How many text-layer forwards the measured configurations would run in full, and how many were skipped."""
+        prefix = self.evaluator.prefix
         return {"text_layer_forwards": self.evaluator.text_layer_forwards,
-                "text_layer_forwards_skipped": self.evaluator.text_layer_forwards_skipped}
+                "text_layer_forwards_skipped": self.evaluator.text_layer_forwards_skipped,
+                "text_layer_recordings": {"on_device": prefix.kept_on_device, "on_host": prefix.sent_to_host}}
 
     def run_record(self) -> dict[str, Any]:
         """Where and how long it ran: device, dtype, the phases' times (the clock stops), peak memory."""
