@@ -305,7 +305,7 @@ def _samples_inputs(path: str, meta: dict[str, Any], scope: str) -> str:
 
 
 def _as_calibrated(manifest: dict[str, Any], cell: dict[str, Any]) -> CellSpec:
-    """The cell's spec (its own keyword arguments, see run_cell) calibrating exactly as the cell did:
+    """The cell's spec (its own keyword arguments, see run_cell) searching exactly as the cell did:
     its own target, method and candidates."""
     return replace(cell_spec(**cell), effective_bits=float(manifest["search"]["effective_bits_target"]),
                    method=manifest["search"]["method"])
