@@ -159,7 +159,7 @@ def run_ours(args, samples: list[dict]) -> dict:
                     effective_bits=8.5 if "4" not in args.format else 4.8, method="gradient",
                     batch_size=0 if args.batch == "auto" else int(args.batch), gpu_memory_gib=args.gpu_memory_gib,
                     device=args.device, gradient_checkpointing=args.gradient_checkpointing == "on")
-    state_path = Path(args.workdir) / "autoquant_state.pt"
+    state_path = Path(tempfile.mkdtemp(prefix="vlmsens-bench-state-")) / "autoquant_state.pt"
     start = time.perf_counter()
     result = run_autoquant(spec, samples, progress=lambda line: print(f"[ours] {line}", flush=True), state_path=str(state_path))
     wall = time.perf_counter() - start

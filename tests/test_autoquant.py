@@ -528,10 +528,10 @@ def _amax(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("method", ["gradient", "kl_div"])
-def test_calibration_only_search_calibrates_as_the_cell_and_scores_nothing(planted, subsets, demo_coco, method):
-    """validate and ladder re-create the cell's quantized model: the same amax for every quantizer,
-    with no score forward (a kl_div cell's per-group passes included)."""
-    from vlmsens.autoquant import PhaseClock, load_cell_model, search
+def test_restored_search_has_the_cells_amax_and_runs_no_forward(planted, subsets, demo_coco, method, tmp_path):
+    """validate and ladder re-create the cell's quantized model from its saved search state: the same
+    amax for every quantizer, with no forward at all (a kl_div cell's per-group passes included)."""
+    from vlmsens.autoquant import PhaseClock, load_cell_model, load_search_state, load_spec_model, save_search_state, search
     from vlmsens.validation import RecipeSwitch
 
     family = "qwen2_5_vl"
@@ -539,18 +539,25 @@ def test_calibration_only_search_calibrates_as_the_cell_and_scores_nothing(plant
     spec = CellSpec(model="tiny", family=get_family(family), checkpoint=str(planted[family]), format_name="wint8_aint8",
                     formats=resolve_format("wint8_aint8", format_registry({})), scope="all-layers", size="small",
                     effective_bits=8.5, method=method, batch_size=4, device="cpu")
+    clock = PhaseClock(lambda _: None)
     amax, forwards = {}, {}
-    for score in (True, False):
-        clock = PhaseClock(lambda _: None)
-        model, calib, *_ = load_cell_model(spec, samples, clock)
+    for restored in (False, True):
+        if restored:
+            model, *_ = load_spec_model(spec, clock)
+        else:
+            model, calib, *_ = load_cell_model(spec, samples, clock)
         calls = []
         model.model.register_forward_hook(lambda *_, calls=calls: calls.append(1))
-        model, state, *_ = search(model, spec, calib, clock, score=score)
+        if restored:
+            model, state, *_ = search(model, spec, [], clock, restore=load_search_state(tmp_path / "state.pt"))
+        else:
+            model, state, *_ = search(model, spec, calib, clock)
+            save_search_state(state, tmp_path / "state.pt")
         layers = [name.removesuffix(".quant_recipe") for name, stat in state["candidate_stats"].items() if len(stat["formats"]) > 1]
         RecipeSwitch(model, spec.formats, layers).apply(dict.fromkeys(layers, "wint8_aint8"))  # every group quantized
-        amax[score], forwards[score] = _amax(model), len(calls)
-    assert forwards[False] == len(calib)  # the calibration pass, nothing else
-    assert forwards[True] >= 2 * len(calib)
+        amax[restored], forwards[restored] = _amax(model), len(calls)
+    assert forwards[True] == 0
+    assert forwards[False] >= 2 * len(calib)  # the cell calibrated and scored
     assert amax[True].keys() == amax[False].keys() and len(amax[True]) > 20
-    for name, value in amax[True].items():
-        assert torch.equal(value, amax[False][name]), name
+    for name, value in amax[False].items():
+        assert torch.equal(value, amax[True][name]), name

@@ -37,7 +37,7 @@ def test_bench_runs_ours_and_the_baseline_on_tiny_models(tmp_path):
     # Default settings: 3 k × (top, bottom, largest, smallest, 5 random) + up to 24 ablations
     # + recipe, uniform, size-only, 5 random recipes.
     assert validation["configurations_measured"] == 3 * 9 + min(24, n_groups) + 8
-    assert {"calibrate", "reference", "top-k", "ablations", "end-to-end"} <= set(validation["phases_s"])
+    assert {"restore", "reference", "top-k", "ablations", "end-to-end"} <= set(validation["phases_s"])
     assert baseline.get("validation") is None
 
 
