@@ -187,6 +187,15 @@ def run_ours(args, samples: list[dict]) -> dict:
     }
 
 
+def held_out_manifest(formats, result: dict) -> dict:
+    """What validate and ladder read of a cell's manifest, from a ``run_autoquant`` result."""
+    from vlmsens.formats import format_bits
+
+    return {"cell": {"candidates": [f.name for f in formats]}, "formats": {f.name: {"bits": format_bits(f)} for f in formats},
+            "search": result["search"], "groups": result["groups"],
+            "config": {"batch_size_used": result["batch_plan"]["batch_size"]}}
+
+
 def run_validation_after(args, spec, formats, result: dict, state_path: Path) -> dict:
     """vlmsens.validation on the cell just run, with synthetic held-out samples (another seed)."""
     import gc
@@ -195,15 +204,12 @@ def run_validation_after(args, spec, formats, result: dict, state_path: Path) ->
 
     from vlmsens.autoquant import load_search_state
     from vlmsens.config import ValidationSettings
-    from vlmsens.formats import format_bits
     from vlmsens.validation import run_validation
 
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    manifest = {"cell": {"candidates": [f.name for f in formats]}, "formats": {f.name: {"bits": format_bits(f)} for f in formats},
-                "search": result["search"], "groups": result["groups"],
-                "config": {"batch_size_used": result["batch_plan"]["batch_size"]}}
+    manifest = held_out_manifest(formats, result)
     held_out = synthetic_samples(args.family, args.size, args.eval_samples, args.scope, seed=1)
     start = time.perf_counter()
     body = run_validation(spec, manifest, load_search_state(state_path), held_out, ValidationSettings.from_config({}, seed=0),

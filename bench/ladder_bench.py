@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from gpu_cell_bench import build_checkpoint, prebuild_extensions, synthetic_samples  # noqa: E402
+from gpu_cell_bench import build_checkpoint, held_out_manifest, prebuild_extensions, synthetic_samples  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     from vlmsens.autoquant import CellSpec, load_search_state, run_autoquant
     from vlmsens.config import LadderSettings
     from vlmsens.families import get_family
-    from vlmsens.formats import format_bits, format_registry, resolve_format
+    from vlmsens.formats import format_registry, resolve_format
     from vlmsens.ladder import run_ladder
 
     report: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
@@ -72,9 +72,7 @@ def main(argv=None) -> int:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    manifest = {"cell": {"candidates": [f.name for f in formats]}, "formats": {f.name: {"bits": format_bits(f)} for f in formats},
-                "search": result["search"], "groups": result["groups"],
-                "config": {"batch_size_used": result["batch_plan"]["batch_size"]}}
+    manifest = held_out_manifest(formats, result)
     held_out = synthetic_samples(args.family, args.size, args.eval_samples, args.scope, seed=1)
     settings = LadderSettings.from_config({}, seed=0)
     start = time.perf_counter()

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from gpu_cell_bench import build_checkpoint, prebuild_extensions, synthetic_samples  # noqa: E402
+from gpu_cell_bench import build_checkpoint, held_out_manifest, prebuild_extensions, synthetic_samples  # noqa: E402
 
 
 def _timed(fn, repeats: int) -> float:
@@ -81,7 +81,7 @@ def run_family(args, family: str) -> dict:
 
     from vlmsens.autoquant import CellSpec, PhaseClock, load_search_state, run_autoquant
     from vlmsens.families import get_family
-    from vlmsens.formats import format_bits, format_registry, resolve_format
+    from vlmsens.formats import format_registry, resolve_format
     from vlmsens.validation import HeldOutModel
 
     report: dict = {}
@@ -99,9 +99,7 @@ def run_family(args, family: str) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-    manifest = {"cell": {"candidates": [f.name for f in formats]}, "formats": {f.name: {"bits": format_bits(f)} for f in formats},
-                "search": result["search"], "groups": result["groups"],
-                "config": {"batch_size_used": result["batch_plan"]["batch_size"]}}
+    manifest = held_out_manifest(formats, result)
     held_out_samples = synthetic_samples(family, args.size, args.eval_samples, "all-layers", seed=1)
     clock = PhaseClock(lambda line: print(f"[held-out] {line}", flush=True))
     held_out = HeldOutModel(spec, manifest, load_search_state(state_path), held_out_samples, clock)
