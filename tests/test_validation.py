@@ -412,6 +412,30 @@ def test_a_search_state_without_calibration_is_refused(tiny_checkpoints):
         search(model, spec, [], clock, restore={"candidate_stats": {"x": {}}, "quantizer_states": {}})
 
 
+def test_a_search_state_from_another_search_is_refused(tiny_checkpoints, dbs, demo_coco, tmp_path):
+    """ModelOpt's own check of the saved state against the search (here: a state without its formats'
+    signature, as an older cell's) ends in one clear line, not a ModelOpt traceback."""
+    from vlmsens.autoquant import CellSpec, PhaseClock, load_cell_model, load_spec_model, search
+    from vlmsens.batches import load_samples
+    from vlmsens.families import get_family
+    from vlmsens.formats import format_registry, resolve_format
+
+    family = "qwen3_vl"
+    checkpoint = tiny_checkpoints[family]
+    prepare_samples(checkpoint=str(checkpoint), calib_db=str(dbs["calib"]), coco_root=str(demo_coco), scope="lm-only",
+                    inputs="caption-only", prompts=PROMPTS, out_path=str(tmp_path / "calib.pt"), progress=lambda _: None)
+    spec = CellSpec(model="tiny", family=get_family(family), checkpoint=str(checkpoint), format_name="wint8_aint8",
+                    formats=resolve_format("wint8_aint8", format_registry({})), scope="lm-only", size="small",
+                    effective_bits=8.5, batch_size=4, device="cpu")
+    clock = PhaseClock(lambda _: None)
+    model, calib, *_ = load_cell_model(spec, load_samples(tmp_path / "calib.pt")[0], clock)
+    _, state, _, _ = search(model, spec, calib, clock)
+    state["quantization_formats_signature"] = None
+    fresh, _, _ = load_spec_model(spec, clock)
+    with pytest.raises(VlmsensError, match="search state does not fit this search.*rerun the cell"):
+        search(fresh, spec, [], clock, restore=state)
+
+
 def test_text_layer_recordings_stay_on_the_gpu_only_within_the_budget(monkeypatch):
     """The reference's recordings go to the host off the GPU, without a budget, or past the budget's reserved memory."""
     import torch

@@ -474,20 +474,27 @@ def _restored_search(model, spec: CellSpec, state: dict[str, Any], clock: PhaseC
         # a copy: ModelOpt may write to its checkpoint, and the cell's file is a workflow output
         checkpoint = os.path.join(folder, "search_state.pth")
         save_search_state(state, checkpoint)
-        model, search_state = mtq.auto_quantize(
-            model,
-            constraints=constraints,
-            quantization_formats=[f.modelopt_config for f in spec.formats],
-            data_loader=[],
-            forward_step=no_forward,
-            forward_backward_step=no_forward if spec.method == "gradient" else None,
-            disabled_layers=disabled,
-            num_calib_steps=0,
-            num_score_steps=0,
-            method=spec.method,
-            checkpoint=checkpoint,
-            verbose=False,
-        )
+        try:
+            model, search_state = mtq.auto_quantize(
+                model,
+                constraints=constraints,
+                quantization_formats=[f.modelopt_config for f in spec.formats],
+                data_loader=[],
+                forward_step=no_forward,
+                forward_backward_step=no_forward if spec.method == "gradient" else None,
+                disabled_layers=disabled,
+                num_calib_steps=0,
+                num_score_steps=0,
+                method=spec.method,
+                checkpoint=checkpoint,
+                verbose=False,
+            )
+        except ValueError as err:
+            if "heckpoint" not in str(err):
+                raise
+            # ModelOpt checks the state against this search (formats, groups, method, cost model)
+            raise VlmsensError(f"the cell's search state does not fit this search ({err}); the checkpoint, the "
+                               "formats or the ModelOpt version changed since the cell ran: rerun the cell") from err
     return model, search_state, constraints, disabled
 
 
