@@ -376,7 +376,7 @@ def search(model, spec: CellSpec, batches: list[dict], clock: PhaseClock, restor
     import torch
 
     if restore is not None:
-        return _restored_search(model, spec, restore, clock)
+        return _restored_search(model, spec, restore)
 
     release = ScoreDiffRelease()
     # An lm-only search neither quantizes nor scores the vision tower: each batch's image features
@@ -452,7 +452,7 @@ def load_search_state(path: str | os.PathLike) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def _restored_search(model, spec: CellSpec, state: dict[str, Any], clock: PhaseClock):
+def _restored_search(model, spec: CellSpec, state: dict[str, Any]):
     """search() from a cell's saved state: ModelOpt restores every format's calibration, skips scoring."""
     import tempfile
 
@@ -490,7 +490,7 @@ def _restored_search(model, spec: CellSpec, state: dict[str, Any], clock: PhaseC
                 verbose=False,
             )
         except ValueError as err:
-            if "heckpoint" not in str(err):
+            if "checkpoint" not in str(err).lower():
                 raise
             # ModelOpt checks the state against this search (formats, groups, method, cost model)
             raise VlmsensError(f"the cell's search state does not fit this search ({err}); the checkpoint, the "

@@ -3,9 +3,9 @@
 A configuration whose earliest quantized group sits in text layer b (its vision tower BF16)
 computes in layers 0..b-1 exactly what the BF16 reference computed, so validation need not run
 them again: during the reference pass every text layer's output is recorded (GBs at full size: on
-the GPU while a memory budget holds them, on the host beyond it), and while a configuration is measured layer b-1 hands back its
-recorded output and the layers before it hand back their input unchanged (a value layer b-1 then
-ignores). The model's own forward still runs around them, so rotary embeddings, masks and
+the GPU while a memory budget holds them, on the host beyond it), and while a configuration is
+measured layer b-1 hands back its recorded output and the layers before it hand back their input
+unchanged (a value layer b-1 then ignores). The model's own forward still runs around them, so rotary embeddings, masks and
 Qwen3-VL's deepstack additions after the first layers are applied by transformers as shipped; the
 recorded output is the layer's own (a forward hook's), before any such addition, so what the
 model adds after layer b-1 it adds as in the reference.
@@ -56,7 +56,6 @@ class TextPrefixReuse:
         self.vision_patterns = vision_patterns
         self.supported = found is not None
         self.device_budget_bytes = device_budget_bytes
-        self.kept_on_device = self.sent_to_host = 0
         self._outputs: dict[Any, list[Any]] = {}
 
     @property
@@ -85,7 +84,12 @@ class TextPrefixReuse:
 
     def clear(self) -> None:
         self._outputs.clear()
-        self.kept_on_device = self.sent_to_host = 0
+
+    def recording_counts(self) -> dict[str, int]:
+        """How many recorded layer outputs are on the GPU and how many on the host."""
+        recorded = [output for outputs in self._outputs.values() for output in outputs]
+        on_device = sum(output.is_cuda for output in recorded)
+        return {"on_device": on_device, "on_host": len(recorded) - on_device}
 
     def _keep_on_device(self, tensor) -> bool:
         import torch
@@ -112,12 +116,10 @@ class TextPrefixReuse:
                     outputs[index] = None
                 elif self._keep_on_device(output):
                     outputs[index] = output.detach().clone()
-                    self.kept_on_device += 1
                 else:
                     # asynchronous, into pinned host memory: a synchronous copy per layer cost ~3.5 s per
                     # reference pass at full size (H100), in stream order with every later use
                     outputs[index] = output.detach().to("cpu", non_blocking=True)
-                    self.sent_to_host += 1
             return record
 
         handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(self.layers)]

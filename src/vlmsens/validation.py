@@ -626,10 +626,10 @@ class HeldOutModel:
         self._clock.enter("reference", f"BF16 on {sum(int(b['input_ids'].shape[0]) for b in self.eval_batches)} held-out samples")
         self.switch.apply(selection)
         loss = self.evaluator.set_reference()
-        prefix = self.evaluator.prefix
-        if prefix.supported:
-            self._clock.progress(f"reference: {prefix.kept_on_device + prefix.sent_to_host} text-layer outputs recorded, "
-                                 f"{prefix.kept_on_device} on the GPU, {prefix.sent_to_host} on the host")
+        if self.evaluator.prefix.supported:
+            counts = self.evaluator.prefix.recording_counts()
+            self._clock.progress(f"reference: {counts['on_device'] + counts['on_host']} text-layer outputs recorded, "
+                                 f"{counts['on_device']} on the GPU, {counts['on_host']} on the host")
         return loss
 
     def measure(self, selection: dict[str, str]) -> dict[str, Any]:
@@ -644,10 +644,9 @@ class HeldOutModel:
 
     def reuse_record(self) -> dict[str, int]:
         """How many text-layer forwards the measured configurations would run in full, and how many were skipped."""
-        prefix = self.evaluator.prefix
         return {"text_layer_forwards": self.evaluator.text_layer_forwards,
                 "text_layer_forwards_skipped": self.evaluator.text_layer_forwards_skipped,
-                "text_layer_recordings": {"on_device": prefix.kept_on_device, "on_host": prefix.sent_to_host}}
+                "text_layer_recordings": self.evaluator.prefix.recording_counts()}
 
     def run_record(self) -> dict[str, Any]:
         """Where and how long it ran: device, dtype, the phases' times (the clock stops), peak memory."""
