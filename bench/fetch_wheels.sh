@@ -20,7 +20,7 @@ packages=(
   jupyter-core==5.9.1 nbformat==5.11.1 traitlets==5.16.1 platformdirs==4.14.8 smart-open==7.7.1
   smmap==5.0.3 sqlalchemy==2.0.58 sqlmodel==0.0.37 tenacity==9.2.1 throttler==1.2.3 yte==1.9.4
   tzdata==2026.6 sniffio==1.3.1 httpcore2==2.16.2 httpx2==2.16.2
-  qwen-vl-utils==0.0.14 plotly==7.1.0 narwhals==2.29.0
+  qwen-vl-utils==0.0.14 plotly==7.1.0 narwhals==2.29.0 liger-kernel==0.8.5
 )
 for package in "${packages[@]}"; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -158,7 +158,7 @@ def run_ours(args, samples: list[dict]) -> dict:
                     format_name=args.format, formats=formats, scope=args.scope, size=str(args.samples),
                     effective_bits=8.5 if "4" not in args.format else 4.8, method="gradient",
                     batch_size=0 if args.batch == "auto" else int(args.batch), gpu_memory_gib=args.gpu_memory_gib,
-                    device=args.device, gradient_checkpointing=args.gradient_checkpointing == "on")
+                    device=args.device, gradient_checkpointing=args.gradient_checkpointing == "on", kernels=args.kernels)
     state_path = Path(tempfile.mkdtemp(prefix="vlmsens-bench-state-")) / "autoquant_state.pt"
     start = time.perf_counter()
     result = run_autoquant(spec, samples, progress=lambda line: print(f"[ours] {line}", flush=True), state_path=str(state_path))
@@ -183,7 +183,9 @@ def run_ours(args, samples: list[dict]) -> dict:
         "device": result["device"],
         "torch_dtype": result["dtype"],
         "scores": {g["layer"]: g["scores_per_token"][formats[0].name] for g in result["groups"]},
+        "selection": {g["layer"]: g["selected_format"] for g in result["groups"]},
         "gradient_checkpointing": result["search"]["gradient_checkpointing"],
+        "kernels": result["kernels"],
     }
 
 
@@ -260,7 +262,7 @@ def run_baseline(args, samples: list[dict]) -> dict:
     device = args.device
     phases = {}
     t0 = time.perf_counter()
-    model = load_model(args.checkpoint, device, vision_attention="sdpa")  # transformers as shipped
+    model = load_model(args.checkpoint, device, vision_attention="sdpa", kernels="eager")  # transformers as shipped
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -318,7 +320,7 @@ def run_fwdbwd(args, samples: list[dict]) -> dict:
     t0 = time.perf_counter()
     if device.startswith("cuda"):
         torch.backends.cuda.enable_cudnn_sdp(False)  # the cell's attention settings
-    model = load_model(args.checkpoint, device)
+    model = load_model(args.checkpoint, device, kernels=args.kernels)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -334,7 +336,7 @@ def run_fwdbwd(args, samples: list[dict]) -> dict:
     phases["forward_backward"] = time.perf_counter() - t1
     peak = {"gpu_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)} if device.startswith("cuda") else {}
     return {"wall_s": time.perf_counter() - t0, "phases_s": phases, "peak_memory": peak, "n_formats": 0,
-            "tokens": sum(int(b["attention_mask"].sum()) for b in batches), "scores": {}}
+            "tokens": sum(int(b["attention_mask"].sum()) for b in batches), "scores": {}, "kernels": model.vlmsens_kernels}
 
 
 def summarise_collapsed(path: Path, top: int = 45) -> str:
@@ -460,7 +462,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch", default="4", help="samples per batch, or auto (ours: sized by memory)")
     parser.add_argument("--gpu-memory-gib", type=float, default=None, help="ours with batch auto: the memory cap (default: the card's free memory)")
-    parser.add_argument("--cell", action="append", default=[], help="impl:family:format:scope:samples[:batch]")
+    parser.add_argument("--cell", action="append", default=[], help="impl:family:format:scope:samples[:batch[:kernels]]")
+    parser.add_argument("--kernels", choices=["liger", "eager"], default="liger",
+                        help="ours and fwdbwd: autoquant.kernels (the baseline runs transformers as shipped)")
     # internal: one cell in this process
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--impl"), parser.add_argument("--family"), parser.add_argument("--format")
@@ -496,8 +500,9 @@ def main(argv=None) -> int:
     for spec in args.cell:
         impl, family, fmt, scope, n, *rest = spec.split(":")
         batch = rest[0] if rest else args.batch
+        kernels = rest[1] if len(rest) > 1 else args.kernels
         checkpoint = build_checkpoint(family, args.size, args.workdir / f"{family}-{args.size}", args.device)
-        result_file = args.out / f"{impl}-{family}-{fmt}-{scope}-{n}-b{batch}.json"
+        result_file = args.out / f"{impl}-{family}-{fmt}-{scope}-{n}-b{batch}{'' if impl == 'baseline' else '-' + kernels}.json"
         # every implementation with the allocator setting a cell's job runs with (vlmsens.gpupool)
         env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(warm_cache), "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
         cmd = [sys.executable, __file__, "--one", "--impl", impl, "--family", family, "--format", fmt, "--scope", scope,
@@ -507,7 +512,7 @@ def main(argv=None) -> int:
                "--eval-samples", str(args.eval_samples)] + (["--validate"] if args.validate and impl == "ours" else [])
         cmd += ["--profile"] if args.profile else []
         cmd += ["--sync-debug"] if args.sync_debug else []
-        cmd += ["--cudnn-sdpa", args.cudnn_sdpa]
+        cmd += ["--cudnn-sdpa", args.cudnn_sdpa, "--kernels", kernels]
         if args.py_spy:
             cmd = ["py-spy", "record", "--rate", "200", "--format", "raw", "--output", str(result_file.with_suffix(".pyspy.txt")), "--", *cmd]
         start = time.perf_counter()

@@ -9,6 +9,13 @@
 #   ratios              the careful baseline (batch 4), ours (batch auto within 24 GiB) and a plain
 #                       bf16 forward+backward through our model path, Qwen2.5-VL-3B and Qwen3-VL-4B,
 #                       INT8 W8A8 and FP8, 128 samples, all-layers (bench/gpu_cell_bench.py)
+#   kernels             autoquant.kernels liger against eager, same samples: ours (128 samples,
+#                       batch auto within 24 GiB; liger first with a cold Triton cache, then again)
+#                       and a plain forward+backward, INT8 W8A8 all-layers, both families; then
+#                       bench/validation_forward_bench.py's held-out forwards with each
+#   kernels-validation  autoquant.kernels eager against liger for a whole validation (vlmsens.validation
+#                       with config/schema.yaml's settings, 100 synthetic held-out samples) after a
+#                       16-sample INT8 cell, lm-only and all-layers, both families
 #   grid-no-validation  the 24 cells and the reports through Snakemake, validation off
 #   grid                the 24 cells, their validations and the reports through Snakemake
 # The grid stages build ModelOpt's CUDA extensions into the run's cache first (untimed, as on a
@@ -38,6 +45,25 @@ for stage in ${STAGES:-ratios grid-no-validation}; do
         --cell fwdbwd:qwen3_vl:wint8_aint8:all-layers:128:16 \
         --cell baseline:qwen2_5_vl:wfp8_afp8:all-layers:128:4 --cell ours:qwen2_5_vl:wfp8_afp8:all-layers:128:auto \
         --cell baseline:qwen3_vl:wfp8_afp8:all-layers:128:4 --cell ours:qwen3_vl:wfp8_afp8:all-layers:128:auto ;;
+    kernels)
+      warm "$S/bench"
+      cells=()
+      for f in qwen2_5_vl qwen3_vl; do
+        cells+=(--cell ours:\$f:wint8_aint8:all-layers:128:auto:liger --cell ours:\$f:wint8_aint8:all-layers:128:auto:eager
+                --cell ours:\$f:wint8_aint8:all-layers:128:auto:liger
+                --cell fwdbwd:\$f:wint8_aint8:all-layers:128:16:eager --cell fwdbwd:\$f:wint8_aint8:all-layers:128:16:liger)
+      done
+      python3 bench/gpu_cell_bench.py --workdir "$S/bench" --out "$S/kernels" --gpu-memory-gib 24 "\${cells[@]}"
+      TORCH_EXTENSIONS_DIR="$S/bench/torch_extensions" python3 bench/validation_forward_bench.py --workdir "$S/bench" \
+        --out "$S/kernels-forward" --kernels eager --kernels liger --skip-patch-embed ;;
+    kernels-validation)
+      warm "$S/bench"
+      cells=()
+      for f in qwen2_5_vl qwen3_vl; do for scope in all-layers lm-only; do for k in eager liger; do
+        cells+=(--cell ours:\$f:wint8_aint8:\$scope:16:auto:\$k)
+      done; done; done
+      python3 bench/gpu_cell_bench.py --workdir "$S/bench" --out "$S/kernels-validation" --gpu-memory-gib 24 \
+        --validate --eval-samples 100 "\${cells[@]}" ;;
     grid-no-validation|grid)
       W="$S/\$stage"; warm "\$W/results/.cache"
       python3 bench/grid_bench.py prepare --workdir "\$W"

@@ -11,7 +11,10 @@ model as rule ``validate`` does (:class:`vlmsens.validation.HeldOutModel`), and 
 * ``text_quantized`` / ``vision_quantized`` / ``all_quantized``: every text group, every vision
   group, or every group quantized with the cell's format;
 
-each the best of ``--repeats`` runs (CUDA synchronised). Then the patch embedding alone on one
+each the best of ``--repeats`` runs (CUDA synchronised), and the KL to BF16 each quantized
+configuration measures. With ``--kernels eager --kernels liger`` the held-out model is built with
+each choice of ``autoquant.kernels`` in turn (same cell, same samples): times, speed-ups and KLs
+side by side. Then (unless ``--skip-patch-embed``) the patch embedding alone on one
 held-out batch (``nn.Conv3d`` with stride = kernel, as transformers ships it, against cuDNN off and
 against the same weights as one matrix product), the vision-recomputing configurations again with
 cuDNN's convolutions off, and a torch.profiler table of one ``all_quantized`` forward.
@@ -79,10 +82,9 @@ def run_family(args, family: str) -> dict:
 
     import torch
 
-    from vlmsens.autoquant import CellSpec, PhaseClock, load_search_state, run_autoquant
+    from vlmsens.autoquant import CellSpec, run_autoquant
     from vlmsens.families import get_family
     from vlmsens.formats import format_registry, resolve_format
-    from vlmsens.validation import HeldOutModel
 
     report: dict = {}
     checkpoint = build_checkpoint(family, args.size, args.workdir / f"{family}-{args.size}", args.device)
@@ -101,12 +103,35 @@ def run_family(args, family: str) -> dict:
 
     manifest = held_out_manifest(formats, result)
     held_out_samples = synthetic_samples(family, args.size, args.eval_samples, "all-layers", seed=1)
-    clock = PhaseClock(lambda line: print(f"[held-out] {line}", flush=True))
+    for kernels in args.kernels:
+        spec.kernels = kernels
+        report[kernels] = held_out_forwards(args, spec, manifest, state_path, held_out_samples, result["groups"])
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if len(args.kernels) > 1:
+        first, *others = args.kernels
+        report["forward_speedup"] = {f"{first}/{other}": {name: report[first]["forward_s"][name] / report[other]["forward_s"][name]
+                                                          for name in report[first]["forward_s"]} for other in others}
+    else:
+        report.update(report.pop(args.kernels[0]))
+    return report
+
+
+def held_out_forwards(args, spec, manifest, state_path, held_out_samples, groups) -> dict:
+    """The held-out model as rule ``validate`` builds it with ``spec.kernels``: its forwards' times."""
+    import torch
+
+    from vlmsens.autoquant import PhaseClock, load_search_state
+    from vlmsens.validation import HeldOutModel
+
+    report: dict = {}
+    clock = PhaseClock(lambda line: print(f"[held-out {spec.kernels}] {line}", flush=True))
     held_out = HeldOutModel(spec, manifest, load_search_state(state_path), held_out_samples, clock)
+    report["kernels"] = held_out.evaluator.model.vlmsens_kernels
     report["eval_batches"] = [int(b["input_ids"].shape[0]) for b in held_out.eval_batches]
     report["reference_s"] = _timed(lambda: held_out.set_reference({}), 1)
     evaluator = held_out.evaluator
-    groups = result["groups"]
     text = {g["layer"]: args.format for g in groups if g["tower"] != "vision"}
     vision = {g["layer"]: args.format for g in groups if g["tower"] == "vision"}
 
@@ -125,15 +150,18 @@ def run_family(args, family: str) -> dict:
         "all_quantized": lambda: held_out.measure({**text, **vision}),
     }
     report["forward_s"] = {name: _timed(run, args.repeats) for name, run in configurations.items()}
-    with torch.backends.cudnn.flags(enabled=False):
-        report["forward_cudnn_off_s"] = {name: _timed(configurations[name], args.repeats)
-                                         for name in ("vision_bf16", "vision_quantized", "all_quantized")}
-    first = held_out.eval_batches[0]
-    held_out.switch.apply({})
-    report["patch_embed_bf16"] = patch_embed_times(evaluator.model, first["pixel_values"], args.repeats)
-    held_out.switch.apply(vision)
-    report["patch_embed_quantized"] = patch_embed_times(evaluator.model, first["pixel_values"], args.repeats)
+    report["kl"] = {name: held_out.measure(selection)["kl"] for name, selection in
+                     (("text_quantized", text), ("vision_quantized", vision), ("all_quantized", {**text, **vision}))}
     report["groups"] = {"text": len(text), "vision": len(vision)}
+    if not args.skip_patch_embed:
+        with torch.backends.cudnn.flags(enabled=False):
+            report["forward_cudnn_off_s"] = {name: _timed(configurations[name], args.repeats)
+                                             for name in ("vision_bf16", "vision_quantized", "all_quantized")}
+        first = held_out.eval_batches[0]
+        held_out.switch.apply({})
+        report["patch_embed_bf16"] = patch_embed_times(evaluator.model, first["pixel_values"], args.repeats)
+        held_out.switch.apply(vision)
+        report["patch_embed_quantized"] = patch_embed_times(evaluator.model, first["pixel_values"], args.repeats)
 
     if args.profile and torch.cuda.is_available():
         from torch.profiler import ProfilerActivity, profile
@@ -141,7 +169,7 @@ def run_family(args, family: str) -> dict:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             configurations["all_quantized"]()
             torch.cuda.synchronize()
-        (args.out / f"{family}-all_quantized.profile.txt").write_text(
+        (args.out / f"{spec.family.name}-{spec.kernels}-all_quantized.profile.txt").write_text(
             prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70) + "\n\n"
             + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
     return report
@@ -160,7 +188,11 @@ def main(argv=None) -> int:
     parser.add_argument("--size", default="full", choices=["full", "tiny"], help="tiny: a CPU smoke run of this script")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--kernels", action="append", choices=["liger", "eager"], default=[],
+                        help="autoquant.kernels of the held-out model; twice: both, compared (default: liger)")
+    parser.add_argument("--skip-patch-embed", action="store_true", help="skip the patch-embedding and cuDNN-off timings")
     args = parser.parse_args(argv)
+    args.kernels = args.kernels or ["liger"]
     import gc
 
     import torch

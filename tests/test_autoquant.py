@@ -354,6 +354,85 @@ def test_varlen_vision_attention_computes_the_same_function(tiny_checkpoints, su
     assert (g_ref - g_new).norm() / g_ref.norm() < 1e-4
 
 
+def _reference_kernels(calls):
+    """Eager stand-ins for the fused kernels, on CPU: the same math as transformers', each call counted."""
+    from vlmsens.kernels import Kernels
+
+    def rotate(x):
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    def rms_norm(x, weight, eps):
+        calls["rms_norm"] += 1
+        x32 = x.float()
+        return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    def silu_mul(gate, up):
+        calls["silu_mul"] += 1
+        return torch.nn.functional.silu(gate) * up
+
+    def rope(q, k, cos, sin, unsqueeze_dim=1):
+        calls["rope"] += 1
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        return q * cos + rotate(q) * sin, k * cos + rotate(k) * sin
+
+    def rope_vision(q, k, cos, sin):
+        calls["rope_vision"] += 1
+        cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
+        return tuple((t.float() * cos + rotate(t.float()) * sin).to(t.dtype) for t in (q, k))
+
+    return Kernels("reference", "cpu", rms_norm, silu_mul, rope, rope_vision)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_kernels_replace_every_norm_mlp_and_rotary_call(tiny_checkpoints, subsets, demo_coco, family):
+    """`kernels.fuse` routes each RMSNorm, SiLU-gated MLP and rotary embedding of both towers through the
+    kernels, once per module and forward, with transformers' argument layout: stand-ins with the same
+    math give the same logits. Models on another device type, or fused with `eager`, run as shipped."""
+    from collections import Counter
+
+    from vlmsens.errors import VlmsensError
+    from vlmsens.kernels import fuse, restore, use
+    from vlmsens.models import load_model
+
+    samples = _encoded(tiny_checkpoints[family], subsets["small"], demo_coco, "all-layers")
+    batch = {k: v for k, v in make_batches(samples, 4, pad_token_id=0)[0].items() if k != "labels"}
+    model = load_model(str(tiny_checkpoints[family]), "cpu")
+    assert model.vlmsens_kernels == {"kernels": "eager", "fused": {}}  # liger applies on CUDA only
+    with torch.no_grad():
+        shipped = model(**batch).logits
+    text, vision = model.config.text_config, model.config.vision_config
+    calls = Counter()
+    try:
+        counts = fuse(model, _reference_kernels(calls))
+        with torch.no_grad():
+            fused = model(**batch).logits
+        one_forward = dict(calls)
+        other = load_model(str(tiny_checkpoints[family]), "cpu", kernels="eager")
+        before = sum(calls.values())
+        with torch.no_grad():
+            other(**batch)
+        assert sum(calls.values()) - before == text.num_hidden_layers + vision.depth  # only the shared rotary functions
+        restore("cpu")
+        with torch.no_grad():
+            other(**batch)
+        assert sum(calls.values()) - before == text.num_hidden_layers + vision.depth
+    finally:
+        restore()
+    torch.testing.assert_close(fused, shipped, atol=1e-5, rtol=1e-5)
+    norms_per_text_layer = 4 if family == "qwen3_vl" else 2  # Qwen3 adds per-head q and k norms
+    expected = {
+        "rms_norm": norms_per_text_layer * text.num_hidden_layers + 1 + (2 * vision.depth + 1 if family == "qwen2_5_vl" else 0),
+        "silu_mul": text.num_hidden_layers + (vision.depth if family == "qwen2_5_vl" else 0),
+        "rope": text.num_hidden_layers,
+        "rope_vision": vision.depth,
+    }
+    assert counts == expected
+    assert one_forward == expected  # one call per fused module in one forward
+    with pytest.raises(VlmsensError, match="autoquant.kernels"):
+        use(model, "triton", "cuda")
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_rope_positions_computed_once_equal_the_models_own(tiny_checkpoints, subsets, demo_coco, family):
     """The batch's stored multimodal RoPE positions give the same logits as transformers' per-forward ones."""

@@ -19,14 +19,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "vlmsens"
 # Bottom to top (docs/DESIGN.md, "Layers"). A module may import its own layer or a lower one.
 LAYERS = {
     "core": {"vlmsens", "errors", "io", "failures", "logs", "formats", "scopes", "families", "preflight", "config", "provenance"},
-    "data": {"calib", "batches", "models", "attention", "vision_reuse", "prefix_reuse", "demo", "exported"},
+    "data": {"calib", "batches", "models", "attention", "kernels", "vision_reuse", "prefix_reuse", "demo", "exported"},
     "compute": {"calibration", "autoquant", "validation", "recipes", "ladder", "export"},
     "presentation": {"render", "reports"},
     "jobs": {"cell", "cli", "worker", "gpupool"},
 }
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in LAYERS[layer]}
 # Only these load inside functions: they are slow to import and some need the environment set first.
-HEAVY = ("torch", "transformers", "modelopt")
+HEAVY = ("torch", "transformers", "modelopt", "liger_kernel")
 
 
 def module_name(path: Path, package: Path = PACKAGE) -> str:
@@ -143,7 +143,7 @@ def test_imports_point_down_the_layers():
 
 def test_sibling_imports_sit_at_the_top_of_files():
     lazy = lazy_sibling_imports()
-    assert not lazy, "import these at the top of the file (only torch, transformers and ModelOpt load lazily): " + "; ".join(lazy)
+    assert not lazy, "import these at the top of the file (only torch, transformers, ModelOpt and Liger Kernel load lazily): " + "; ".join(lazy)
 
 
 def test_the_checks_see_hidden_cycles_upward_and_lazy_imports(tmp_path):

@@ -27,6 +27,7 @@ from .calibration import install as install_calibrators
 from .errors import VlmsensError
 from .families import Family, block_index, sublayer_of, tower_of
 from .formats import FormatSpec
+from .kernels import CHOICES as KERNEL_CHOICES
 from .logs import BatchProgress
 from .models import dtype_for, load_model, pick_device
 from .provenance import cpu_name
@@ -59,6 +60,7 @@ class CellSpec:
     seed: int = 0
     vision_attention: str = "varlen"
     gradient_checkpointing: bool = True
+    kernels: str = "liger"
 
     def validate(self) -> None:
         get_scope(self.scope)
@@ -68,6 +70,8 @@ class CellSpec:
             raise VlmsensError(f"batch size must be positive or 0 (auto), got {self.batch_size}")
         if not 0 < self.effective_bits <= 16:
             raise VlmsensError(f"effective bits target must be in (0, 16], got {self.effective_bits}")
+        if self.kernels not in KERNEL_CHOICES:
+            raise VlmsensError(f"autoquant.kernels must be one of {KERNEL_CHOICES}, got {self.kernels!r}")
 
 
 @dataclass
@@ -185,7 +189,7 @@ def load_spec_model(spec: CellSpec, clock: PhaseClock):
         # batches and vision windows make most calls new shapes (docs/DESIGN.md, "Speed").
         torch.backends.cuda.enable_cudnn_sdp(False)
     clock.enter("load", spec.checkpoint)
-    return load_model(spec.checkpoint, device, vision_attention=spec.vision_attention), device, dtype
+    return load_model(spec.checkpoint, device, vision_attention=spec.vision_attention, kernels=spec.kernels), device, dtype
 
 
 def load_cell_model(spec: CellSpec, samples: list[dict], clock: PhaseClock):
@@ -574,6 +578,7 @@ def run_autoquant(
         "device": _device_info(device),
         "dtype": str(dtype).removeprefix("torch."),
         "vision_attention": model.config.vision_config._attn_implementation,
+        "kernels": model.vlmsens_kernels,
         "batches": stats,
         "batch_plan": plan,
         "search": {

@@ -195,6 +195,7 @@ def cell_spec(*, model_name: str, model_cfg: dict[str, Any], checkpoint: str, fo
         device=settings.device,
         seed=seed,
         gradient_checkpointing=settings.gradient_checkpointing,
+        kernels=settings.kernels,
     )
 
 

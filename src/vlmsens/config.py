@@ -59,6 +59,7 @@ class AutoquantSettings:
     gpu_memory_gib: float | None
     device: str
     gradient_checkpointing: bool
+    kernels: str
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> AutoquantSettings:
@@ -70,6 +71,7 @@ class AutoquantSettings:
             gpu_memory_gib=None if cfg["gpu_memory_gib"] is None else float(cfg["gpu_memory_gib"]),
             device=str(cfg["device"]),
             gradient_checkpointing=bool(cfg["gradient_checkpointing"]),
+            kernels=str(cfg["kernels"]),
         )
 
     def effective_bits_of(self, format_name: str) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from .errors import VlmsensError
+from .kernels import use as use_kernels
 from .preflight import resolve_checkpoint
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,12 @@ def load_processor(checkpoint: str):
     return transformers.AutoProcessor.from_pretrained(source, local_files_only=local_only, trust_remote_code=False)
 
 
-def load_model(checkpoint: str, device: str, attn_implementation: str | None = "sdpa", vision_attention: str = "varlen"):
+def load_model(checkpoint: str, device: str, attn_implementation: str | None = "sdpa", vision_attention: str = "varlen",
+               kernels: str = "liger"):
     """The checkpoint's model in eval mode; ``vision_attention='varlen'`` runs each vision layer's
-    windows in one SDPA call (see vlmsens.attention) instead of one call per window."""
+    windows in one SDPA call (see vlmsens.attention) instead of one call per window, and
+    ``kernels='liger'`` fuses the norms, SwiGLU and rotary embeddings on CUDA (vlmsens.kernels;
+    ``model.vlmsens_kernels`` says what was fused)."""
     import torch
     import transformers
 
@@ -67,5 +71,6 @@ def load_model(checkpoint: str, device: str, attn_implementation: str | None = "
         use_for_vision(model)
     elif vision_attention not in ("varlen", "sdpa"):
         raise VlmsensError(f"vision attention must be 'varlen' or 'sdpa', got {vision_attention!r}")
+    model.vlmsens_kernels = use_kernels(model, kernels, device)
     model.eval()
     return model

@@ -75,6 +75,7 @@ PRELOAD = (
     "transformers.models.qwen3_vl.processing_qwen3_vl",
     "modelopt.torch.quantization",
     "modelopt.torch.opt",
+    "liger_kernel.transformers.functional",
     "scipy.stats",
     "vlmsens.autoquant",
     "vlmsens.cell",
