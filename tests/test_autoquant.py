@@ -384,6 +384,25 @@ def _reference_kernels(calls):
     return Kernels("reference", "cpu", rms_norm, silu_mul, rope, rope_vision)
 
 
+def test_vision_rope_from_a_text_layout_rope_equals_transformers():
+    """The vision tower's rotary embedding built from a text-layout one (as Liger's kernel is called)
+    equals transformers' own, in bf16 as the GPU jobs run it: the layout glue is right."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb, apply_rotary_pos_emb_vision
+
+    from vlmsens.kernels import vision_rope
+
+    generator = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(37, 4, 16, generator=generator).to(torch.bfloat16) for _ in range(2))
+    angles = torch.randn(37, 8, generator=generator)
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    expected = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    got = vision_rope(apply_rotary_pos_emb)(q, k, cos, sin)
+    for e, g in zip(expected, got, strict=True):
+        assert g.dtype == e.dtype and g.shape == e.shape
+        torch.testing.assert_close(g, e, atol=0, rtol=0)
+    assert not torch.equal(got[0], q)  # it rotated
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fused_kernels_replace_every_norm_mlp_and_rotary_call(tiny_checkpoints, subsets, demo_coco, family):
     """`kernels.fuse` routes each RMSNorm, SiLU-gated MLP and rotary embedding of both towers through the

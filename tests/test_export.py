@@ -192,8 +192,8 @@ def test_an_export_that_differs_from_its_recipe_fails_the_check_and_leaves_no_fo
 
     read_back = export_module.load_exported
 
-    def with_a_wrong_scale(folder, device):
-        model, formats = read_back(folder, device)
+    def with_a_wrong_scale(folder, device, kernels):
+        model, formats = read_back(folder, device, kernels)
         layer = dict(model.named_modules())["model.language_model.layers.1.mlp.down_proj"]
         with torch.no_grad():
             layer.weight.mul_(1.5)

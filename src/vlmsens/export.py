@@ -181,7 +181,7 @@ def export_recipe(
         if device.startswith("cuda"):
             torch.cuda.empty_cache()  # the reloaded copy takes the quantized model's place, not a second one
         clock.enter("check", "reload the folder and compare with the fake-quantized model")
-        reloaded, exported_formats = load_exported(tmp, device)
+        reloaded, exported_formats = load_exported(tmp, device, spec.kernels)  # the fake-quantized model's kernels
         against_bf16.model = against_fake.model = reloaded
         exported = against_bf16.measure()
         drift = against_fake.measure()

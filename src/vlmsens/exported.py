@@ -82,7 +82,7 @@ def _fake_quantize_input(scale, kind: str):
     return hook
 
 
-def _quietly_loaded(folder: Path, device: str):
+def _quietly_loaded(folder: Path, device: str, kernels: str):
     """transformers skips ModelOpt's quantization_config and lists every scale as an unexpected key;
     the scales are read here, so that table is noise in the job's log."""
     from transformers.utils import logging as hf_logging
@@ -90,15 +90,16 @@ def _quietly_loaded(folder: Path, device: str):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        return load_model(str(folder), device)
+        return load_model(str(folder), device, kernels=kernels)
     finally:
         hf_logging.set_verbosity(verbosity)
 
 
-def load_exported(folder: str | Path, device: str):
+def load_exported(folder: str | Path, device: str, kernels: str = "liger"):
     """The exported checkpoint as a model that computes as its runtime would (see the module doc).
 
-    Returns (model, layer formats by exported name). Parameters are set from the folder's tensors
+    ``kernels`` as in ``vlmsens.models.load_model`` (the export check uses the cell's, so both models
+    compute alike). Returns (model, layer formats by exported name). Parameters are set from the folder's tensors
     by the names ModelOpt wrote them under (its reverse of transformers' load-time renaming).
     """
     import torch
@@ -111,7 +112,7 @@ def load_exported(folder: str | Path, device: str):
     tensors = exported_tensors(folder)
     layers = quantized_layers(tensors)
     formats = {layer: layer_format(tensors, layer) for layer in layers}
-    model = _quietly_loaded(folder, device)
+    model = _quietly_loaded(folder, device, kernels)
     mapper = build_reverse_name_mapper(model) or (lambda name: name)
     found: set[str] = set()
     with torch.no_grad():

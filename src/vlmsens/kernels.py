@@ -47,7 +47,6 @@ class Kernels:
 
 def liger() -> Kernels:
     """Liger Kernel's fused RMSNorm, SiLU-and-multiply and rotary embeddings (CUDA, Triton)."""
-    import torch
     from liger_kernel.transformers.functional import liger_rms_norm, liger_rope, liger_swiglu
 
     def rms_norm(hidden, weight, eps):
@@ -56,14 +55,24 @@ def liger() -> Kernels:
     def rope(q, k, cos, sin, unsqueeze_dim=1):
         return liger_rope(q, k, cos, sin, None, unsqueeze_dim)
 
-    def rope_vision(q, k, cos, sin):
-        # [patches, heads, dim] as one batch of [1, heads, patches, dim], in fp32 as transformers
-        # computes it (Liger's own Qwen3-VL wrapper does the same, through its backend dispatch)
+    return Kernels("liger", "cuda", rms_norm, liger_swiglu, rope, vision_rope(rope))
+
+
+def vision_rope(rope: Callable) -> Callable:
+    """``apply_rotary_pos_emb_vision`` from a rotary function with the text layout of ``apply_rotary_pos_emb``.
+
+    The vision tower's q and k are ``[patches, heads, dim]`` with cos and sin ``[patches, dim]``;
+    they are rotated as one batch of ``[1, heads, patches, dim]``, in fp32 as transformers does it
+    (Liger's own Qwen3-VL wrapper does the same, through its backend dispatch).
+    """
+    import torch
+
+    def apply(q, k, cos, sin):
         q32, k32 = (t.to(torch.float32).unsqueeze(0).transpose(1, 2) for t in (q, k))
-        q_out, k_out = liger_rope(q32, k32, cos.to(torch.float32)[None], sin.to(torch.float32)[None], None, 1)
+        q_out, k_out = rope(q32, k32, cos.to(torch.float32)[None], sin.to(torch.float32)[None])
         return q_out.transpose(1, 2).squeeze(0).to(q.dtype), k_out.transpose(1, 2).squeeze(0).to(k.dtype)
 
-    return Kernels("liger", "cuda", rms_norm, liger_swiglu, rope, rope_vision)
+    return apply
 
 
 # The modeling modules' own functions, kept before the first replacement so the dispatchers can
