@@ -452,6 +452,22 @@ def test_fused_kernels_replace_every_norm_mlp_and_rotary_call(tiny_checkpoints, 
         use(model, "triton", "cuda")
 
 
+def test_fused_kernels_that_cannot_be_imported_end_in_one_clear_line(tiny_checkpoints, monkeypatch):
+    """A CUDA job whose Liger Kernel (or Triton) is missing says which setting avoids it, before any work."""
+    import vlmsens.kernels
+    from vlmsens.errors import VlmsensError
+    from vlmsens.models import load_model
+
+    def missing():
+        raise ImportError("No module named 'triton'")
+
+    monkeypatch.setattr(vlmsens.kernels, "liger", missing)
+    model = load_model(str(tiny_checkpoints["qwen3_vl"]), "cpu", kernels="eager")
+    with pytest.raises(VlmsensError, match=r"set autoquant.kernels: eager") as err:
+        vlmsens.kernels.use(model, "liger", "cuda")
+    assert "No module named 'triton'" in str(err.value)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_rope_positions_computed_once_equal_the_models_own(tiny_checkpoints, subsets, demo_coco, family):
     """The batch's stored multimodal RoPE positions give the same logits as transformers' per-forward ones."""

@@ -173,4 +173,9 @@ def use(model, choice: str, device: str) -> dict[str, object]:
         raise VlmsensError(f"autoquant.kernels must be one of {CHOICES}, got {choice!r}")
     if choice == "eager" or not device.startswith("cuda"):
         return {"kernels": "eager", "fused": {}}
-    return {"kernels": choice, "fused": fuse(model, liger())}
+    try:
+        kernels = liger()
+    except ImportError as err:
+        raise VlmsensError(f"autoquant.kernels is 'liger' but Liger Kernel cannot be imported ({err}): install the project's "
+                           "dependencies (liger-kernel, triton), or set autoquant.kernels: eager") from err
+    return {"kernels": choice, "fused": fuse(model, kernels)}

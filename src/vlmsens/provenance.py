@@ -13,7 +13,7 @@ from pathlib import Path
 from . import __version__
 from .io import sha256_file
 
-PACKAGES = ("torch", "torchvision", "transformers", "nvidia-modelopt", "tokenizers", "snakemake", "numpy", "pandas")
+PACKAGES = ("torch", "torchvision", "transformers", "nvidia-modelopt", "liger-kernel", "triton", "tokenizers", "snakemake", "numpy", "pandas")
 
 
 def package_versions(names=PACKAGES) -> dict[str, str]:
