@@ -181,8 +181,9 @@ def test_validation_files_schema_and_provenance(planted, dbs, demo_coco, tmp_pat
     on_disk = json.loads((Path(doc["_dir"]) / "validation.json").read_text())
     check_validation(on_disk, manifest)
     assert list(on_disk) == ["schema_version", "cell", "ranking_format", "n_groups", "damage_measure", "settings", "eval",
-                             "intervals", "verdict_k", "top_k", "ablations", "end_to_end", "device", "dtype", "timings_s",
-                             "peak_memory", "verdict", "dataset", "provenance"]
+                             "intervals", "verdict_k", "top_k", "ablations", "end_to_end", "device", "dtype", "kernels",
+                             "timings_s", "peak_memory", "verdict", "dataset", "provenance"]
+    assert on_disk["kernels"] == {"kernels": "eager", "fused": {}}  # a CPU job runs transformers as shipped
     assert "(k = 10%" in on_disk["verdict"]
     assert [r["fraction"] for r in on_disk["top_k"]] == [0.05, 0.10, 0.25]
     assert on_disk["intervals"]["resamples"] == 400 and "held-out samples" in on_disk["intervals"]["covers"]

@@ -610,6 +610,7 @@ class HeldOutModel:
     def __init__(self, spec: CellSpec, manifest: dict[str, Any], search_state: dict[str, Any], eval_samples: list[dict],
                  clock: PhaseClock):
         model, self.device, self.dtype = load_spec_model(spec, clock)
+        self.kernels = model.vlmsens_kernels
         batch_size = inference_batch_size(int(manifest["config"]["batch_size_used"]), len(eval_samples), spec.batch_halvings)
         self.eval_batches = device_batches(model, eval_samples, batch_size, self.device, self.dtype)
         clock.enter("restore", "the cell's calibrated quantizers, from its search state")
@@ -649,8 +650,10 @@ class HeldOutModel:
                 "text_layer_recordings": self.evaluator.prefix.recording_counts()}
 
     def run_record(self) -> dict[str, Any]:
-        """Where and how long it ran: device, dtype, the phases' times (the clock stops), peak memory."""
+        """Where and how long it ran: device, dtype, the kernels (vlmsens.kernels), the phases' times
+        (the clock stops), peak memory."""
         return {"device": _device_info(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                "kernels": self.kernels,
                 "timings_s": self._clock.stop(), "peak_memory": _peak_memory(self.device)}
 
 
