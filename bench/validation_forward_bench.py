@@ -128,7 +128,7 @@ def held_out_forwards(args, spec, manifest, state_path, held_out_samples, groups
     report: dict = {}
     clock = PhaseClock(lambda line: print(f"[held-out {spec.kernels}] {line}", flush=True))
     held_out = HeldOutModel(spec, manifest, load_search_state(state_path), held_out_samples, clock)
-    report["kernels"] = held_out.evaluator.model.vlmsens_kernels
+    report["kernels"] = held_out.kernels
     report["eval_batches"] = [int(b["input_ids"].shape[0]) for b in held_out.eval_batches]
     report["reference_s"] = _timed(lambda: held_out.set_reference({}), 1)
     evaluator = held_out.evaluator

@@ -411,7 +411,7 @@ def test_fused_kernels_replace_every_norm_mlp_and_rotary_call(tiny_checkpoints, 
     from collections import Counter
 
     from vlmsens.errors import VlmsensError
-    from vlmsens.kernels import fuse, restore, use
+    from vlmsens.kernels import fuse, restore
     from vlmsens.models import load_model
 
     samples = _encoded(tiny_checkpoints[family], subsets["small"], demo_coco, "all-layers")
@@ -448,8 +448,8 @@ def test_fused_kernels_replace_every_norm_mlp_and_rotary_call(tiny_checkpoints, 
     }
     assert counts == expected
     assert one_forward == expected  # one call per fused module in one forward
-    with pytest.raises(VlmsensError, match="autoquant.kernels"):
-        use(model, "triton", "cuda")
+    with pytest.raises(VlmsensError, match="autoquant.kernels"):  # before any weight is read
+        load_model(str(tiny_checkpoints[family] / "absent"), "cpu", kernels="triton")
 
 
 def test_fused_kernels_that_cannot_be_imported_end_in_one_clear_line(tiny_checkpoints, monkeypatch):

@@ -27,7 +27,7 @@ from .calibration import install as install_calibrators
 from .errors import VlmsensError
 from .families import Family, block_index, sublayer_of, tower_of
 from .formats import FormatSpec
-from .kernels import CHOICES as KERNEL_CHOICES
+from .kernels import check_choice as check_kernels
 from .logs import BatchProgress
 from .models import dtype_for, load_model, pick_device
 from .provenance import cpu_name
@@ -70,8 +70,7 @@ class CellSpec:
             raise VlmsensError(f"batch size must be positive or 0 (auto), got {self.batch_size}")
         if not 0 < self.effective_bits <= 16:
             raise VlmsensError(f"effective bits target must be in (0, 16], got {self.effective_bits}")
-        if self.kernels not in KERNEL_CHOICES:
-            raise VlmsensError(f"autoquant.kernels must be one of {KERNEL_CHOICES}, got {self.kernels!r}")
+        check_kernels(self.kernels)
 
 
 @dataclass

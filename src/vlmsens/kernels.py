@@ -167,10 +167,15 @@ def restore(device_type: str | None = None) -> None:
         _ACTIVE.pop(device_type, None)
 
 
-def use(model, choice: str, device: str) -> dict[str, object]:
-    """Apply ``autoquant.kernels``'s choice to a loaded model on ``device``; the manifest's record of it."""
+def check_choice(choice: str) -> None:
+    """``autoquant.kernels`` is one of CHOICES (checked before a model is loaded)."""
     if choice not in CHOICES:
         raise VlmsensError(f"autoquant.kernels must be one of {CHOICES}, got {choice!r}")
+
+
+def use(model, choice: str, device: str) -> dict[str, object]:
+    """Apply ``autoquant.kernels``'s choice (see ``check_choice``) to a loaded model on ``device``;
+    the manifest's record of it."""
     if choice == "eager" or not device.startswith("cuda"):
         return {"kernels": "eager", "fused": {}}
     try:
@@ -178,4 +183,4 @@ def use(model, choice: str, device: str) -> dict[str, object]:
     except ImportError as err:
         raise VlmsensError(f"autoquant.kernels is 'liger' but Liger Kernel cannot be imported ({err}): install the project's "
                            "dependencies (liger-kernel, triton), or set autoquant.kernels: eager") from err
-    return {"kernels": choice, "fused": fuse(model, kernels)}
+    return {"kernels": kernels.name, "fused": fuse(model, kernels)}

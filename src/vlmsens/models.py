@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from .errors import VlmsensError
+from .kernels import check_choice as check_kernels
 from .kernels import use as use_kernels
 from .preflight import resolve_checkpoint
 
@@ -55,6 +56,7 @@ def load_model(checkpoint: str, device: str, attn_implementation: str | None = "
     import torch
     import transformers
 
+    check_kernels(kernels)
     source, local_only = _source(checkpoint)
     kwargs = dict(local_files_only=local_only, trust_remote_code=False, dtype=dtype_for(device))
     if attn_implementation:
