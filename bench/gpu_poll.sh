@@ -10,7 +10,7 @@ grep '^== ' "$S/session.log"
 tail -n "${TAIL:-25}" "$S/session.log"
 nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
 mkdir -p "$OUT"
-cp -r "$S"/ratios "$S"/kernels* "$S"/*-summary "$OUT/" 2>/dev/null
+cp -r "$S"/ratios "$S"/kernels* "$S"/profile "$S"/*-summary "$OUT/" 2>/dev/null
 cp "$S"/session.log "$S"/triton.tgz "$OUT/" 2>/dev/null
 for g in "$S"/grid*/; do [ -d "$g" ] && mkdir -p "$OUT/$(basename "$g")" && cp "$g"/*.log "$g"/runs.json "$OUT/$(basename "$g")/" 2>/dev/null
   # the jobs' logs (phase times) and benchmark records, in one file: the device call may end before the run does

@@ -16,6 +16,9 @@
 #   kernels-validation  autoquant.kernels eager against liger for a whole validation (vlmsens.validation
 #                       with config/schema.yaml's settings, 100 synthetic held-out samples) after a
 #                       16-sample INT8 cell, lm-only and all-layers, both families
+#   profile             bench/validation_forward_bench.py --profile: the held-out forwards of both families,
+#                       with the vision geometry made once per batch and on every forward, and where a
+#                       forward's GPU time goes (kernel tables, GPU busy time, host calls that wait)
 #   grid-no-validation  the 24 cells and the reports through Snakemake, validation off
 #   grid                the 24 cells, their validations and the reports through Snakemake
 # The grid stages build ModelOpt's CUDA extensions into the run's cache first (untimed, as on a
@@ -56,6 +59,10 @@ for stage in ${STAGES:-ratios grid-no-validation}; do
       python3 bench/gpu_cell_bench.py --workdir "$S/bench" --out "$S/kernels" --gpu-memory-gib 24 "\${cells[@]}"
       TORCH_EXTENSIONS_DIR="$S/bench/torch_extensions" python3 bench/validation_forward_bench.py --workdir "$S/bench" \
         --out "$S/kernels-forward" --kernels eager --kernels liger --skip-patch-embed ;;
+    profile)
+      warm "$S/bench"
+      TORCH_EXTENSIONS_DIR="$S/bench/torch_extensions" python3 bench/validation_forward_bench.py --workdir "$S/bench" \
+        --out "$S/profile" --skip-patch-embed --profile ;;
     kernels-validation)
       warm "$S/bench"
       cells=()

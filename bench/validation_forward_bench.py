@@ -17,7 +17,10 @@ each choice of ``autoquant.kernels`` in turn (same cell, same samples): times, s
 side by side. Then (unless ``--skip-patch-embed``) the patch embedding alone on one
 held-out batch (``nn.Conv3d`` with stride = kernel, as transformers ships it, against cuDNN off and
 against the same weights as one matrix product), the vision-recomputing configurations again with
-cuDNN's convolutions off, and a torch.profiler table of one ``all_quantized`` forward.
+cuDNN's convolutions off; the vision-recomputing forwards with the tower making its geometry on each
+forward (as shipped) instead of once per batch (``vlmsens.vision_geometry``; unless ``--skip-geometry``);
+and with ``--profile``, for four of the forwards, a torch.profiler kernel table, the GPU's busy time
+against the span of its work, and the host calls that may wait on the GPU.
 
 Usage (on a GPU machine; see bench/RESULTS.md):
     python bench/validation_forward_bench.py --workdir /tmp/vf --out $OUT/validation_forward
@@ -163,16 +166,54 @@ def held_out_forwards(args, spec, manifest, state_path, held_out_samples, groups
         held_out.switch.apply(vision)
         report["patch_embed_quantized"] = patch_embed_times(evaluator.model, first["pixel_values"], args.repeats)
 
+    if not args.skip_geometry:
+        # the same forwards with the vision tower making its own geometry on every forward, as shipped
+        geometry = evaluator.vision.geometry
+        visual, geometry.visual = geometry.visual, None
+        report["forward_geometry_per_forward_s"] = {name: _timed(configurations[name], args.repeats)
+                                                    for name in ("vision_bf16", "vision_quantized", "all_quantized")}
+        geometry.visual = visual
     if args.profile and torch.cuda.is_available():
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            configurations["all_quantized"]()
-            torch.cuda.synchronize()
-        (args.out / f"{spec.family.name}-{spec.kernels}-all_quantized.profile.txt").write_text(
-            prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70) + "\n\n"
-            + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
+        report["profile"] = {name: profile_forward(configurations[name], args.out / f"{spec.family.name}-{spec.kernels}-{name}")
+                             for name in ("text_bf16", "text_quantized", "vision_bf16", "all_quantized")}
     return report
+
+
+SYNCING_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync", "cudaMemcpy")
+
+
+def profile_forward(run, prefix: Path) -> dict:
+    """One forward under torch.profiler: GPU busy time (kernels and copies, overlaps merged) against the
+    span from its first to its last GPU activity, the host calls that may wait on the GPU, and the
+    kernel table (written to ``prefix``.profile.txt)."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    run()  # warm
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA)
+    busy, end = 0.0, -1.0
+    for start, stop in spans:
+        if stop <= end:
+            continue
+        busy += stop - max(start, end)
+        end = stop
+    window = (spans[-1][1] - spans[0][0]) if spans else 0.0
+    host = {name: {"calls": 0, "host_us": 0.0} for name in SYNCING_CALLS}
+    for e in prof.events():
+        if e.device_type == DeviceType.CPU and e.name in host:
+            host[e.name]["calls"] += 1
+            host[e.name]["host_us"] += e.time_range.end - e.time_range.start
+    table = prof.key_averages()
+    prefix.with_suffix(".profile.txt").write_text(
+        table.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=80) + "\n\n"
+        + table.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=80))
+    return {"gpu_busy_s": busy / 1e6, "gpu_window_s": window / 1e6, "busy_fraction": busy / window if window else None,
+            "kernels": len(spans), "host_calls": {k: v for k, v in host.items() if v["calls"]}}
 
 
 def main(argv=None) -> int:
@@ -191,6 +232,8 @@ def main(argv=None) -> int:
     parser.add_argument("--kernels", action="append", choices=["liger", "eager"], default=[],
                         help="autoquant.kernels of the held-out model; twice: both, compared (default: liger)")
     parser.add_argument("--skip-patch-embed", action="store_true", help="skip the patch-embedding and cuDNN-off timings")
+    parser.add_argument("--skip-geometry", action="store_true",
+                        help="skip the vision-recomputing forwards with the tower making its own geometry each time")
     args = parser.parse_args(argv)
     args.kernels = args.kernels or ["liger"]
     import gc

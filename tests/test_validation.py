@@ -749,6 +749,42 @@ def test_reused_vision_features_measure_what_a_full_forward_does(family, tiny_ch
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_vision_geometry_made_once_gives_the_towers_own_features(family, tiny_checkpoints, dbs, demo_coco, tmp_path):
+    """The vision tower fed its geometry made once per batch (vlmsens.vision_geometry, through
+    transformers.vision_utils' keyword arguments) makes bit-identical features to the tower computing
+    it itself; the keywords are those the family's tower reads (window order only for Qwen2.5-VL,
+    position-embedding interpolation only for Qwen3-VL), and a tower that reads none gets none."""
+    import torch
+
+    from vlmsens.vision_geometry import BatchGeometry, geometry
+
+    _, switch, evaluator = _calibrated_search_model(tiny_checkpoints[family], family, dbs, demo_coco, tmp_path,
+                                                    "all-layers", "image+caption")
+    inner = evaluator.model.model
+    batch = evaluator.batches[0]
+    made = geometry(inner.visual, batch["image_grid_thw"])
+    expected = {"position_ids", "cu_seqlens", "max_seqlen"} | (
+        {"window_index", "cu_window_seqlens", "max_window_seqlen"} if family == "qwen2_5_vl" else {"interp_indices", "interp_weights"})
+    assert set(made) == expected
+    switch.apply({})
+    with torch.inference_mode():
+        own = inner.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True)
+        given = inner.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True, **made)
+    assert all(torch.equal(a, b) for a, b in zip(own.pooler_output, given.pooler_output, strict=True))
+    for a, b in zip(getattr(own, "deepstack_features", None) or [], getattr(given, "deepstack_features", None) or [], strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    per_batch = BatchGeometry(evaluator.model)
+    assert per_batch.of(0, batch["image_grid_thw"]).keys() == made.keys()
+    assert per_batch.of(0, batch["image_grid_thw"]) is not per_batch.of(0, batch["image_grid_thw"])  # a copy per forward
+
+    class Tower(torch.nn.Module):  # a tower whose forward computes its own geometry: nothing is passed
+        def forward(self, hidden_states, grid_thw, **kwargs):
+            return hidden_states
+
+    assert geometry(Tower(), batch["image_grid_thw"]) is None
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 def test_reused_text_prefix_measures_what_a_full_forward_does(family, tiny_checkpoints, dbs, demo_coco, tmp_path):
     """Text layers before the first quantized one, replayed from the BF16 reference (vlmsens.prefix_reuse),
     give the KL, loss and per-sample values of a full forward (rel 1e-5), without computing those layers;

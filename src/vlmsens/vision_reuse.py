@@ -7,12 +7,16 @@ forward and handed to the model through transformers' ``mm_encoder_outputs`` arg
 An lm-only search does the same: its vision tower is neither quantized nor scored, so each
 batch's features are made once, without gradient, for every calibration and score pass.
 The vision tower is about 40 % of a Qwen-VL forward on COCO-sized images (docs/DESIGN.md, "Speed").
+Where the tower must run again (a configuration quantizes part of it), it runs with each batch's
+geometry made once (``vlmsens.vision_geometry``).
 """
 
 from __future__ import annotations
 
 import inspect
 from typing import Any
+
+from .vision_geometry import BatchGeometry
 
 
 class VisionFeatures:
@@ -28,20 +32,28 @@ class VisionFeatures:
         self.supported = (inner is not None and hasattr(inner, "get_image_features")
                           and "mm_encoder_outputs" in inspect.signature(inner.forward).parameters)
         self._features: dict[int, Any] = {}
+        self.geometry = BatchGeometry(model)
 
-    def inputs(self, index: Any, batch: dict) -> dict:
-        """The model inputs of batch ``index`` with its cached image features in place of its pixels."""
+    def inputs(self, index: Any, batch: dict, reuse: bool = True) -> dict:
+        """The model inputs of batch ``index`` with image features in place of its pixels: the cached
+        BF16 ones, or (``reuse=False``) made now by the tower as it is (quantized groups included)."""
         import torch
 
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         if not self.supported or "pixel_values" not in inputs:
             return inputs
         pixels = inputs.pop("pixel_values")
+        if not reuse:
+            inputs["mm_encoder_outputs"] = {"image": self._made_now(index, pixels, inputs["image_grid_thw"])}
+            return inputs
         if index not in self._features:
             with torch.no_grad():
-                self._features[index] = self.inner.get_image_features(pixels, inputs["image_grid_thw"], return_dict=True)
+                self._features[index] = self._made_now(index, pixels, inputs["image_grid_thw"])
         inputs["mm_encoder_outputs"] = {"image": self._features[index]}
         return inputs
+
+    def _made_now(self, index: Any, pixels, grid_thw):
+        return self.inner.get_image_features(pixels, grid_thw, return_dict=True, **self.geometry.of(index, grid_thw))
 
     def __len__(self) -> int:
         return len(self._features)
