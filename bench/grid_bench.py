@@ -138,8 +138,9 @@ def summary(workdir: Path) -> dict:
         validations.append({"cell": name, "in_process_s": round(in_process, 1), "job_wall_s": job_wall("validate", name),
                             "configurations": doc.get("eval", {}).get("configurations_measured"),
                             "eval_batches": doc.get("eval", {}).get("batches"),
+                            "model_source": doc.get("model_source"), "phases_s": doc.get("timings_s", {}),
                             "peak_gpu_gib": doc.get("peak_memory", {}).get("gpu_allocated_gib")})
-    # Cells run before validations (rule priority), so the last cell's manifest marks the map's end.
+    # The last cell's manifest marks the map's end (each validation runs right after its cell).
     timeline = {"cells_done_s": round(max(finished) - started, 1) if finished and started else None,
                 "cells": len(cells), "validations": len(validations)}
     return {"runs": runs, "timeline": timeline, "rules": rules, "cells": cells, "validations": validations}
@@ -161,9 +162,12 @@ def render(report: dict) -> str:
                           tablefmt="github"))
     if report["validations"]:
         lines.append("")
-        lines.append(tabulate([[v["cell"], v["configurations"], v["eval_batches"], v["in_process_s"], v["job_wall_s"], v["peak_gpu_gib"]]
+        lines.append(tabulate([[v["cell"], v["configurations"], v["eval_batches"], v.get("model_source"),
+                                ", ".join(f"{k} {t:.1f}" for k, t in v.get("phases_s", {}).items()),
+                                v["in_process_s"], v["job_wall_s"], v["peak_gpu_gib"]]
                                for v in report["validations"]],
-                              headers=["validated cell", "configurations", "eval batches", "in-process s", "job wall s", "peak GiB"],
+                              headers=["validated cell", "configurations", "eval batches", "model", "phases s", "in-process s",
+                                       "job wall s", "peak GiB"],
                               tablefmt="github"))
     return "\n".join(lines) + "\n"
 

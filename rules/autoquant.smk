@@ -38,7 +38,8 @@ rule autoquant:
         markdown=f"{CELL_DIR}/per-layer-sensitivity.md",
         manifest=f"{CELL_DIR}/quant_manifest.json",
         state=f"{CELL_DIR}/autoquant_state.pt",
-    # The whole map first: when the GPU frees up, a waiting cell goes before a waiting validation.
+    # When the GPU frees up, a waiting cell goes before the other GPU jobs, except its own validation
+    # (rule validate), which goes first.
     priority: 1
     params:
         checkpoint=checkpoint_of,

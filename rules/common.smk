@@ -114,9 +114,11 @@ def checkpoint_of(wildcards):
 
 
 def samples_priority(wildcards):
-    """The smallest calibration subset is encoded first: the GPU's first cells need only it, so the GPU starts within seconds."""
+    """The smallest calibration subset is encoded first: the GPU's first cells need only it, so the GPU starts
+    within seconds. The held-out samples come next (prepare_eval_samples has priority 1): a cell's
+    validation, which needs them, then runs right after the cell, in the process that holds its model."""
     smallest = min(GRID["sizes"], key=lambda size: config["sizes"][size])
-    return 1 if wildcards.size == smallest else 0
+    return 2 if wildcards.size == smallest else 0
 
 
 def batch_size_for_attempt(wildcards, attempt):

@@ -9,6 +9,8 @@ rule prepare_eval_samples:
         db=rules.coco_eval_subset.output.db,
     output:
         samples=f"{OUT}/samples_held_out/{{model}}/{{scope}}/samples.pt",
+    # after the smallest calibration subsets, before the others (see samples_priority)
+    priority: 1
     params:
         checkpoint=checkpoint_of,
         coco_root=coco_root(),
@@ -38,6 +40,9 @@ rule validate:
     output:
         json=f"{CELL_DIR}/validation.json",
         markdown=f"{CELL_DIR}/validation.md",
+    # Right after its cell: run by the warm worker in the process that ran the cell, it takes the
+    # cell's search model from it instead of loading and restoring it (vlmsens.handoff).
+    priority: 2
     params:
         checkpoint=checkpoint_of,
         model_cfg=cell_model_settings,

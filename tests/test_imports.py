@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "vlmsens"
 
 # Bottom to top (docs/DESIGN.md, "Layers"). A module may import its own layer or a lower one.
 LAYERS = {
-    "core": {"vlmsens", "errors", "io", "failures", "logs", "formats", "scopes", "families", "preflight", "config", "provenance"},
+    "core": {"vlmsens", "errors", "io", "failures", "logs", "formats", "scopes", "families", "preflight", "config", "provenance", "handoff"},
     "data": {"calib", "batches", "models", "attention", "kernels", "vision_reuse", "vision_geometry", "prefix_reuse", "demo", "exported"},
     "compute": {"calibration", "autoquant", "validation", "recipes", "ladder", "export"},
     "presentation": {"render", "reports"},

@@ -182,8 +182,9 @@ def test_validation_files_schema_and_provenance(planted, dbs, demo_coco, tmp_pat
     check_validation(on_disk, manifest)
     assert list(on_disk) == ["schema_version", "cell", "ranking_format", "n_groups", "damage_measure", "settings", "eval",
                              "intervals", "verdict_k", "top_k", "ablations", "end_to_end", "device", "dtype", "kernels",
-                             "timings_s", "peak_memory", "verdict", "dataset", "provenance"]
+                             "model_source", "timings_s", "peak_memory", "verdict", "dataset", "provenance"]
     assert on_disk["kernels"] == {"kernels": "eager", "fused": {}}  # a CPU job runs transformers as shipped
+    assert on_disk["model_source"] == "restored from the cell's search state"  # in-process: nothing was kept
     assert "(k = 10%" in on_disk["verdict"]
     assert [r["fraction"] for r in on_disk["top_k"]] == [0.05, 0.10, 0.25]
     assert on_disk["intervals"]["resamples"] == 400 and "held-out samples" in on_disk["intervals"]["covers"]
@@ -227,6 +228,73 @@ def test_validation_is_deterministic(tiny_checkpoints, dbs, demo_coco, tmp_path_
     for key in ("top_k", "ablations", "end_to_end", "verdict", "intervals"):
         # compared as JSON text: an undefined interval is NaN, which equals nothing, not even itself
         assert json.dumps(again[key], sort_keys=True) == json.dumps(first_on_disk[key], sort_keys=True), key
+
+
+def test_a_validation_on_the_cells_own_model_measures_what_a_restored_one_does(tiny_checkpoints, dbs, demo_coco, tmp_path,
+                                                                             monkeypatch):
+    """In the worker's processes a cell keeps its search model (vlmsens.handoff) and the cell's validation,
+    run next in the same process, takes it instead of loading the checkpoint and restoring the search state:
+    every number is the one a validation on the restored model measures. The model is taken once, and only
+    for the state file the cell wrote."""
+    from vlmsens import handoff
+
+    monkeypatch.setattr(handoff, "_enabled", True)
+    monkeypatch.setattr(handoff, "_offered", None)
+    monkeypatch.setattr(handoff, "_held", None)
+    family = "qwen2_5_vl"
+    samples = {}
+    for name in ("calib", "eval"):
+        samples[name] = tmp_path / f"{name}.pt"
+        prepare_samples(checkpoint=str(tiny_checkpoints[family]), calib_db=str(dbs[name]), coco_root=str(demo_coco),
+                        scope="all-layers", inputs="image+caption", prompts=PROMPTS, out_path=str(samples[name]),
+                        progress=lambda _: None)
+    common = dict(model_name=f"tiny_{family}", model_cfg={"family": family}, checkpoint=str(tiny_checkpoints[family]),
+                  format_name="fp8_or_int8", formats_cfg=CANDIDATE_SET, scope="all-layers", size="small",
+                  autoquant_cfg=AUTOQUANT, batch_size=4, seed=0)
+    cell = tmp_path / "cell"
+    cell.mkdir()
+    run_cell(**common, samples_path=str(samples["calib"]), calib_db=str(dbs["calib"]), progress=lambda _: None,
+             outputs={k: str(cell / v) for k, v in (("json", "s.json"), ("markdown", "s.md"),
+                                                    ("manifest", "quant_manifest.json"), ("state", "state.pt"))})
+    assert handoff.held_key() == handoff.state_key(cell / "state.pt")
+
+    def validate(name: str) -> tuple[dict, list[str]]:
+        lines: list[str] = []
+        doc = validate_cell(**common, validation_cfg=QUICK_VALIDATION, manifest_path=str(cell / "quant_manifest.json"),
+                            state_path=str(cell / "state.pt"), samples_path=str(samples["calib"]),
+                            eval_samples_path=str(samples["eval"]),
+                            outputs={"json": str(tmp_path / f"{name}.json"), "markdown": str(tmp_path / f"{name}.md")},
+                            progress=lines.append)
+        return doc, lines
+
+    kept, kept_lines = validate("kept")
+    assert handoff.held_key() is None  # taken once
+    restored, restored_lines = validate("restored")
+    assert kept["model_source"] == "kept by the cell's process"
+    assert restored["model_source"] == "restored from the cell's search state"
+    assert any(line.startswith("handoff done in") for line in kept_lines)
+    assert not any(line.startswith(("load done in", "restore done in")) for line in kept_lines)
+    assert any(line.startswith("restore done in") for line in restored_lines)
+    assert restored["eval"]["configurations_measured"] == kept["eval"]["configurations_measured"] > 0
+    for key in ("top_k", "ablations", "end_to_end", "verdict", "eval"):
+        assert json.dumps(kept[key], sort_keys=True) == json.dumps(restored[key], sort_keys=True), key
+
+    # a state file rewritten since the cell ran (another run of it) is not the kept model's: nothing is taken
+    handoff.offer(object())
+    handoff.seal(cell / "state.pt")
+    (cell / "state.pt").write_bytes((cell / "state.pt").read_bytes() + b"\0")
+    assert handoff.take(cell / "state.pt") is None and handoff.held_key() is None
+
+
+def test_outside_the_workers_processes_a_cell_keeps_nothing(monkeypatch, tmp_path):
+    from vlmsens import handoff
+
+    monkeypatch.setattr(handoff, "_enabled", False)
+    monkeypatch.setattr(handoff, "_held", None)
+    state = tmp_path / "state.pt"
+    state.write_bytes(b"x")
+    handoff.offer(object())
+    assert handoff.seal(state) is None and handoff.take(state) is None
 
 
 def test_held_out_samples_must_not_overlap_calibration(planted, dbs, demo_coco, tmp_path_factory, tmp_path):

@@ -15,6 +15,7 @@ import pytest
 from vlmsens import worker
 
 TESTS = Path(__file__).resolve().parent
+HOLD_S = 30  # how long the module's server keeps a cell's process that holds its model
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +24,7 @@ def address(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
         mp.setenv(worker.IDLE_ENV, "60")
+        mp.setenv(worker.HOLD_ENV, str(HOLD_S))
         mp.delenv("SLURM_JOB_ID", raising=False)
         address = worker.address_for(tmp_path_factory.mktemp("results"))
         yield address
@@ -73,6 +75,84 @@ def test_warming_readies_standbys_that_the_first_job_then_takes(address, tmp_pat
     out = tmp_path / "out.json"
     assert worker.run_job(address, worker_jobs.report, {"out": str(out)}, log_path=str(tmp_path / "w.log"), prefix="t", threads=1) == 0
     assert json.loads(out.read_text())["pid"] == warmed[0]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _hand_over(address, tmp_path, func, name: str, state: Path, take: str | None = None) -> dict:
+    out = tmp_path / f"{name}.json"
+    code = worker.run_job(address, func, {"state": str(state), "out": str(out)}, log_path=str(tmp_path / f"{name}.log"),
+                          prefix="test", threads=1, take=take)
+    assert code == 0, (tmp_path / f"{name}.log").read_text()
+    return json.loads(out.read_text())
+
+
+def test_a_cells_process_holds_its_model_for_the_job_that_takes_it(address, tmp_path, monkeypatch):
+    """The job after a cell that names the cell's search state runs in the cell's process and gets its model
+    (vlmsens.handoff); that process ends after it."""
+    import worker_jobs
+
+    from vlmsens import handoff
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    state = tmp_path / "state.pt"
+    kept = _hand_over(address, tmp_path, worker_jobs.keep_model, "cell", state)
+    key = handoff.state_key(state)
+    assert worker._ask(address, {"op": "ping"})["holders"] == {"": [[kept["pid"], key]]}
+    took = _hand_over(address, tmp_path, worker_jobs.take_model, "validate", state, take=key)
+    assert took == {"pid": kept["pid"], "took": {"kept_by": kept["pid"]}}
+    assert worker._ask(address, {"op": "ping"})["holders"] == {} and not _alive(kept["pid"])
+
+
+def test_a_held_model_goes_only_to_its_own_state_file_and_not_for_ever(address, tmp_path, monkeypatch):
+    """A job naming a rewritten state file takes nothing (it runs in another process); CPU jobs leave a CPU
+    holder be; with no job taking its model within the hold time, the holder ends."""
+    import worker_jobs
+
+    from vlmsens import handoff
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    state = tmp_path / "state.pt"
+    kept = _hand_over(address, tmp_path, worker_jobs.keep_model, "cell", state)
+    state.write_text("the cell ran again since")
+    took = _hand_over(address, tmp_path, worker_jobs.take_model, "stale", state, take=handoff.state_key(state))
+    assert took["pid"] != kept["pid"] and took["took"] is None and _alive(kept["pid"])
+    deadline = time.monotonic() + HOLD_S + 10
+    while _alive(kept["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(kept["pid"]) and worker._ask(address, {"op": "ping"})["holders"] == {}
+
+
+class _Held:
+    def __init__(self, gpus, pid, holding):
+        self.gpus, self.pid, self.holding, self.since = gpus, pid, holding, 0.0
+
+
+def test_a_gpu_holds_one_model_and_any_other_job_ends_it_first():
+    """The server's holding policy: one held model per GPU set, ended before any job that does not take it;
+    CPU sets keep a few and let other jobs be; a holder is taken once, by its key only; the hold time ends any."""
+    holders = worker._Holders(per_cpu_set=2, hold_s=10)
+    first, second = _Held("0", 1, "a"), _Held("0", 2, "b")
+    assert holders.add(first, now=0) == []
+    assert holders.add(second, now=1) == [first]  # a GPU holds one model
+    assert holders.take("0", "a") is None and holders.take("1", "b") is None and holders.take("0", None) is None
+    assert holders.take("0", "b") is second and holders.take("0", "b") is None  # taken once
+    gpu, other_gpu = _Held("0", 3, "c"), _Held("1", 4, "d")
+    holders.add(gpu, now=2)
+    holders.add(other_gpu, now=2)
+    assert holders.before_other_job("0") == [gpu]  # ended before the job runs on its GPU
+    assert holders.describe() == {"1": [[4, "d"]]}  # another GPU's holder stays
+    cpu = [_Held(None, 5 + i, f"cpu{i}") for i in range(3)]
+    assert holders.add(cpu[0], now=3) == [] and holders.add(cpu[1], now=4) == [] and holders.add(cpu[2], now=5) == [cpu[0]]
+    assert holders.before_other_job(None) == [] and holders.before_other_job("") == []
+    assert holders.gone(6) is cpu[1] and holders.gone(6) is None
+    assert holders.expired(now=13) == [other_gpu] and holders.expired(now=15.5) == [cpu[2]] and holders.all() == []
 
 
 def test_a_child_starts_with_modelopt_imported(address, tmp_path):

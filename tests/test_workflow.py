@@ -123,6 +123,19 @@ def test_demo_jobs_find_the_worker_warm(demo_run):
     assert len(recipes) == 24
     for log in recipes:
         assert "worker: job finished" in log.read_text(), log
+    # Each cell's process stays, holding its model, for its validation (vlmsens.handoff); a validation that
+    # came in time measured on that model (no load, no restore), the others rebuilt it, and each says which.
+    results = workdir / "results" / "demo" / "autoquant"
+    for log in sorted((logs / "autoquant").rglob("*.log")):
+        assert "exit status 0 (its process stays, holding the cell's model)" in log.read_text(), log
+    for log in sorted((logs / "validate").rglob("*.log")):
+        text = log.read_text()
+        source = json.loads((results / log.relative_to(logs / "validate").with_suffix("") / "validation.json").read_text())
+        if source["model_source"] == "kept by the cell's process":
+            assert "handoff done in" in text and "load done in" not in text and "restore done in" not in text, log
+        else:
+            assert source["model_source"] == "restored from the cell's search state"
+            assert "restore done in" in text and "handoff done in" not in text, log
 
 
 def test_demo_recipes_meet_their_budgets_and_report_each_disagreement(demo_run, capsys):

@@ -41,3 +41,23 @@ def sleep_forever(out: str, progress=log.info) -> None:
     with open(out, "w") as fh:
         fh.write(str(os.getpid()))
     time.sleep(120)
+
+
+def keep_model(state: str, out: str, progress=log.info) -> None:
+    """A cell's job as the handoff sees it: it writes its search state and keeps a "model" for it."""
+    from vlmsens import handoff
+
+    with open(state, "w") as fh:
+        fh.write(f"search state written by {os.getpid()}")
+    handoff.offer({"kept_by": os.getpid()})
+    handoff.seal(state)
+    with open(out, "w") as fh:
+        json.dump({"pid": os.getpid()}, fh)
+
+
+def take_model(state: str, out: str, progress=log.info) -> None:
+    """A validation's job as the handoff sees it: the kept model of ``state``, if this process holds it."""
+    from vlmsens import handoff
+
+    with open(out, "w") as fh:
+        json.dump({"pid": os.getpid(), "took": handoff.take(state)}, fh)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import handoff
 from .batches import IGNORE_INDEX, batch_stats, largest_batch_shape, make_batches, plan_batch_size
 from .calibration import install as install_calibrators
 from .errors import VlmsensError
@@ -571,6 +572,7 @@ def run_autoquant(
         )
     if state_path is not None:
         save_search_state(search_state, state_path)
+        handoff.offer(model)  # for the cell's validation, where this process may run it next
     peak = _peak_memory(device)
     timings = clock.stop()
     return {

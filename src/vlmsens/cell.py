@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from . import provenance
+from . import handoff, provenance
 from .autoquant import CellSpec, load_search_state, run_autoquant
 from .batches import PromptSettings, encode_samples, load_samples, load_samples_meta, save_samples
 from .calib import read_calib_db
@@ -156,6 +156,7 @@ def run_cell(
             manifest["provenance"]["job_wall_s"] = round(time.time() - job_started, 3)
         manifest["provenance"]["torch_threads"] = torch.get_num_threads()
         write_cell_reports(manifest, outputs)
+    handoff.seal(outputs["state"])  # the search model stays for the cell's validation (in the worker's processes)
     progress(
         f"write: done; effective bits {manifest['search']['effective_bits_achieved']:.3f} "
         f"(target {spec.effective_bits}), satisfied={manifest['search']['is_satisfied']}"
@@ -253,11 +254,12 @@ def _held_out_job(job: str, cell: dict[str, Any], paths: tuple[str, str, str, st
     spec = _as_calibrated(manifest, cell)
     _, calib_meta, held_out, eval_meta, inputs = _held_out_pair(spec, manifest, manifest_path, samples_path, eval_samples_path,
                                                                  calibration=False)
-    state = load_search_state(state_path)
+    cell_model = handoff.take(state_path)  # the cell's own search model, where this process ran the cell
+    state = load_search_state(state_path) if cell_model is None else None
     settings = settings_for(spec.seed)
     progress(f"{job} {spec.model}/{spec.format_name}/{spec.scope}/{spec.size}: the cell's calibration on "
              f"{manifest['batches']['samples']} samples, {len(held_out)} held-out samples{detail(settings)}")
-    body = run(spec, manifest, state, held_out, settings, progress=progress)
+    body = run(spec, manifest, state, held_out, settings, progress=progress, cell_model=cell_model)
     return _held_out_doc(spec, manifest, body, inputs, (manifest_path, samples_path, eval_samples_path),
                          (calib_meta, eval_meta), started, checksums)
 

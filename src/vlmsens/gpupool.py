@@ -38,7 +38,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import worker
+from . import handoff, worker
 from .errors import AlreadyReported, VlmsensError
 from .logs import job_attempt, run_job
 
@@ -299,13 +299,17 @@ def warm_gpu_worker(smk) -> None:
         os.environ.update(saved)
 
 
-def _in_worker_or_here(smk, prefix: str, func, job_kwargs: dict, progress):
-    """``func(**job_kwargs)`` in a standby of the warm worker (for this job's CUDA_VISIBLE_DEVICES), else here."""
+def _in_worker_or_here(smk, prefix: str, func, job_kwargs: dict, progress, takes_cell_model: bool = False):
+    """``func(**job_kwargs)`` in a standby of the warm worker (for this job's CUDA_VISIBLE_DEVICES), else here.
+
+    ``takes_cell_model``: the job reads a cell's search state (input ``state``) and runs in the process
+    that holds that cell's model, where one does (``vlmsens.handoff``)."""
     if worker.enabled():
+        take = handoff.state_key(smk.input.state) if takes_cell_model else None
         try:
             code = worker.run_job(worker.address_for(smk.params.gpu_locks), func, job_kwargs, log_path=smk.log[0],
                                   prefix=prefix, threads=smk.threads, attempt=job_attempt(smk),
-                                  inputs={k: str(v) for k, v in smk.input.items()})
+                                  inputs={k: str(v) for k, v in smk.input.items()}, take=take)
         except worker.WorkerUnavailable as err:
             log.warning("worker: %s; running the job in this process", err)
         else:
@@ -318,8 +322,10 @@ def _in_worker_or_here(smk, prefix: str, func, job_kwargs: dict, progress):
     return func(progress=progress, **job_kwargs)
 
 
-def run_gpu_job(smk, prefix: str, func, **kwargs):
+def run_gpu_job(smk, prefix: str, func, takes_cell_model: bool = False, **kwargs):
     """A Snakemake GPU job: log set-up, one GPU slot, the job's torch threads, then ``func(**kwargs)``.
+
+    ``takes_cell_model``: see ``_in_worker_or_here`` (rule validate).
 
     ``smk`` is the script's ``snakemake`` object; its rule declares ``params.extensions_cache`` (one
     ModelOpt extension cache for every job, so only the first builds) and ``params.gpu_locks``. Runs
@@ -331,7 +337,7 @@ def run_gpu_job(smk, prefix: str, func, **kwargs):
     def in_slot(progress, **job_kwargs):
         # Pinned through CUDA_VISIBLE_DEVICES before torch loads; SLURM's allocation under SLURM.
         with gpu_slot(smk.params.gpu_locks):
-            return _in_worker_or_here(smk, prefix, func, job_kwargs, progress)
+            return _in_worker_or_here(smk, prefix, func, job_kwargs, progress, takes_cell_model)
 
     # Appending: a worker's child writes to the same log while this process holds it open.
     return run_job(smk, prefix, in_slot, log_mode="a", **kwargs)

@@ -93,13 +93,16 @@ def run_ladder(
     settings: LadderSettings,
     *,
     progress: Callable[[str], None] = log.info,
+    cell_model=None,
 ) -> dict[str, Any]:
-    """Measure every point of the cell's ladder on the held-out samples; returns the body of ladder.json."""
+    """Measure every point of the cell's ladder on the held-out samples; returns the body of ladder.json.
+
+    ``cell_model``: as ``vlmsens.validation.run_validation``'s."""
     import numpy as np
 
     clock = PhaseClock(progress)
     plan = ladder_plan(manifest, settings, np.random.default_rng(settings.seed))
-    held_out = HeldOutModel(spec, manifest, search_state, eval_samples, clock)
+    held_out = HeldOutModel(spec, manifest, search_state, eval_samples, clock, cell_model)
     reference_loss = held_out.set_reference(plan["bf16"])
 
     def measure(selection: dict[str, str]) -> dict[str, Any]:

@@ -56,6 +56,7 @@ from .config import ValidationSettings
 from .errors import VlmsensError
 from .families import TOWERS, VISION_PATTERNS
 from .formats import ranking_format
+from .models import dtype_for, pick_device
 from .prefix_reuse import TextPrefixReuse
 from .recipes import CostModel, bits_of, cost_model
 from .vision_reuse import VisionFeatures
@@ -516,14 +517,31 @@ class Evaluator:
 
     def __init__(self, model, batches: list[dict], vision_patterns: tuple[str, ...] = VISION_PATTERNS,
                  device_budget_bytes: float | None = None):
-        self.model, self.batches = model, batches
+        self.batches = batches
+        self._reuse_settings = (vision_patterns, device_budget_bytes)
+        self.model = model
         self.reference = None
         self.tokens: list[int] = []
-        self.vision = VisionFeatures(model)
         self.vision_bf16 = False
-        self.prefix = TextPrefixReuse(model, vision_patterns, device_budget_bytes)
         self.text_start = 0
         self.text_layer_forwards = self.text_layer_forwards_skipped = 0
+
+    @property
+    def model(self):
+        return self._model
+
+    @model.setter
+    def model(self, model) -> None:
+        """The model measured; another one (the export check's reloaded checkpoint) is compared with the
+        same reference, but gets its own image features, geometry and text-layer records."""
+        self._model = model
+        self.vision = VisionFeatures(model)
+        self.prefix = TextPrefixReuse(model, *self._reuse_settings)
+
+    @model.deleter
+    def model(self) -> None:
+        """Let the model go (with what holds on to it) until another is set."""
+        del self._model, self.vision, self.prefix
 
     def _forward(self, reference: bool = False):
         import torch
@@ -532,7 +550,7 @@ class Evaluator:
         start = self.text_start if self.vision_bf16 and not reference else 0
         with torch.inference_mode():
             for index, batch in enumerate(self.batches):
-                inputs = self.vision.inputs(index, batch) if self.vision_bf16 else None
+                inputs = self.vision.inputs(index, batch, reuse=self.vision_bf16)
                 if reference:
                     with self.prefix.recording(index):
                         logits, targets = caption_logits(self.model, batch, inputs)
@@ -602,19 +620,31 @@ class HeldOutModel:
 
     What validate and ladder share: load the cell's checkpoint, restore the calibrated quantizers
     from the cell's saved search state (ModelOpt resumes from it as from its own checkpoint: no
-    forward runs), batch the held-out samples for inference, and measure configurations (format per
+    forward runs), or take ``cell_model``, the very search model the cell's process kept
+    (``vlmsens.handoff``), batch the held-out samples for inference, and measure configurations (format per
     group) against the BF16 reference, reusing the vision tower's features while a configuration
     leaves the tower BF16, and then the BF16 outputs of the text layers before its first quantized one.
     """
 
-    def __init__(self, spec: CellSpec, manifest: dict[str, Any], search_state: dict[str, Any], eval_samples: list[dict],
-                 clock: PhaseClock):
-        model, self.device, self.dtype = load_spec_model(spec, clock)
+    def __init__(self, spec: CellSpec, manifest: dict[str, Any], search_state: dict[str, Any] | None, eval_samples: list[dict],
+                 clock: PhaseClock, cell_model=None):
+        if cell_model is None:
+            model, self.device, self.dtype = load_spec_model(spec, clock)
+        else:
+            clock.enter("handoff", "the cell's search model, kept by the process that ran the cell")
+            model, self.device, self.dtype = from_cell_process(spec, cell_model)
+            if self.device.startswith("cuda"):
+                import torch
+
+                clock.progress(f"handoff: {torch.cuda.memory_allocated() / 2**30:.2f} GiB allocated "
+                               "(the model, its quantizers and whatever the cell left)")
+        self.model_source = "restored from the cell's search state" if cell_model is None else "kept by the cell's process"
         self.kernels = model.vlmsens_kernels
         batch_size = inference_batch_size(int(manifest["config"]["batch_size_used"]), len(eval_samples), spec.batch_halvings)
         self.eval_batches = device_batches(model, eval_samples, batch_size, self.device, self.dtype)
-        clock.enter("restore", "the cell's calibrated quantizers, from its search state")
-        model, _, _, _ = search(model, spec, [], clock, restore=search_state)
+        if cell_model is None:
+            clock.enter("restore", "the cell's calibrated quantizers, from its search state")
+            model, _, _, _ = search(model, spec, [], clock, restore=search_state)
         self.switch = RecipeSwitch(model, spec.formats, [g["layer"] for g in manifest["groups"]])
         self.evaluator = Evaluator(model, self.eval_batches, spec.family.vision_patterns, device_memory_budget(spec, self.device))
         self.vision_layers = {g["layer"] for g in manifest["groups"] if g["tower"] == "vision"}
@@ -653,8 +683,26 @@ class HeldOutModel:
         """Where and how long it ran: device, dtype, the kernels (vlmsens.kernels), the phases' times
         (the clock stops), peak memory."""
         return {"device": _device_info(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-                "kernels": self.kernels,
+                "kernels": self.kernels, "model_source": self.model_source,
                 "timings_s": self._clock.stop(), "peak_memory": _peak_memory(self.device)}
+
+
+def from_cell_process(spec: CellSpec, model):
+    """The cell's search model as the held-out jobs use it: (model, device, dtype), in eval mode, the
+    cell's leftovers (gradients, cached blocks) released and the peak-memory count restarted."""
+    import gc
+
+    import torch
+
+    device = pick_device(spec.device)
+    torch.manual_seed(spec.seed)
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return model, device, dtype_for(device)
 
 
 def run_validation(
@@ -665,8 +713,12 @@ def run_validation(
     settings: ValidationSettings,
     *,
     progress: Callable[[str], None] = log.info,
+    cell_model=None,
 ) -> dict[str, Any]:
-    """Measure the cell's ranking on held-out samples; returns the body of validation.json."""
+    """Measure the cell's ranking on held-out samples; returns the body of validation.json.
+
+    ``cell_model``: the cell's search model, kept by the process that ran the cell (``vlmsens.handoff``);
+    None: rebuilt from the checkpoint and ``search_state``."""
     import numpy as np
 
     clock = PhaseClock(progress)
@@ -681,7 +733,7 @@ def run_validation(
     share = weight_share(manifest)
     weight_tolerance = min(share.values())
 
-    held_out = HeldOutModel(spec, manifest, search_state, eval_samples, clock)
+    held_out = HeldOutModel(spec, manifest, search_state, eval_samples, clock, cell_model)
     reference_loss = held_out.set_reference({})
     evaluator = held_out.evaluator
     boot = Bootstrap(evaluator.tokens, settings.bootstrap_resamples, settings.seed)

@@ -25,6 +25,15 @@ sizes and times, the environment that affects results); a job whose fingerprint 
 was edited, another venv) asks that server to retire and starts a new one. A server with no job for
 ``VLMSENS_WORKER_IDLE_S`` seconds (default 300) exits and removes its socket.
 
+A cell's process may stay after its job, holding the cell's search model (``vlmsens.handoff``):
+it tells the server so over its channel instead of exiting, and the server answers the job (done)
+and keeps the process as a *holder* of the job's GPU set. A job for that GPU set that names the
+same search state (``take``: the cell's validation) runs in the holder, without loading and
+restoring the model again. Where the set names GPUs, any other job for it ends the holder first (its
+GPU memory is free before the next job starts), so a GPU holds at most one held model; CPU jobs
+(no GPU visible) keep up to ``VLMSENS_WORKER_STANDBYS`` holders. ``VLMSENS_WORKER_HOLD_S`` seconds
+(default 120) without a job that takes its model end a holder too.
+
 ``VLMSENS_WORKER=0`` runs every job in its own process as before; under SLURM (``SLURM_JOB_ID``)
 each job is its own allocation, so jobs always run in-process there.
 """
@@ -48,6 +57,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from . import handoff
 from .logs import run_logged
 
 log = logging.getLogger(__name__)
@@ -56,6 +66,8 @@ ENABLE_ENV = "VLMSENS_WORKER"
 IDLE_ENV = "VLMSENS_WORKER_IDLE_S"
 START_TIMEOUT_ENV = "VLMSENS_WORKER_START_S"
 STANDBYS_ENV = "VLMSENS_WORKER_STANDBYS"
+HOLD_ENV = "VLMSENS_WORKER_HOLD_S"
+DEFAULT_HOLD_S = 120.0
 # Two standbys per GPU set: a standby's imports take about 17 s (H100 host), longer than a small
 # cell, so with one the next job often waited for the rest of them (bench/RESULTS.md).
 DEFAULT_STANDBYS = 2
@@ -259,10 +271,12 @@ def _wait_gone(address: str, timeout: float) -> None:
 
 
 def run_job(address: str, func, kwargs: dict[str, Any], *, log_path: str, prefix: str, threads: int,
-            attempt: int = 1, inputs: dict[str, str] | None = None) -> int:
+            attempt: int = 1, inputs: dict[str, str] | None = None, take: str | None = None) -> int:
     """Run ``func(**kwargs)`` in a child of the warm server; returns its exit status (0 = done).
 
-    Raises WorkerUnavailable when the server cannot take the job (nothing has run then).
+    ``take``: the ``vlmsens.handoff.state_key`` of a cell's search state; the job runs in the process
+    that holds that cell's model, if one does. Raises WorkerUnavailable when the server cannot take
+    the job (nothing has run then).
     """
     expected = fingerprint()
     ensure_server(address, expected)
@@ -277,6 +291,7 @@ def run_job(address: str, func, kwargs: dict[str, Any], *, log_path: str, prefix
         "attempt": int(attempt),
         "inputs": inputs or {},
         "env": {k: os.environ.get(k) for k in JOB_ENV},
+        "take": take,
     }
     sock = _connect(address)
     if sock is None:
@@ -358,6 +373,7 @@ def _child(request: dict[str, Any]) -> int:
     torch.set_num_threads(request["threads"])
     if torch.cuda.is_available():
         _reload_gpu_kernels()
+    handoff.enable()
     try:
         # The job's own log: a failure is recorded beside it (OOM or not) for Snakemake's retry.
         run_logged(request["log"], request["prefix"], _resolve(request["func"]), log_mode="a",
@@ -408,21 +424,42 @@ class _Standby:
                 os._exit(code)
         child.close()
         self.gpus, self.pid, self.channel = gpus, pid, parent
+        self.buffer = b""
+        self.holding: str | None = None  # the handoff key of the model it holds, once its job is done
+        self.since = 0.0
 
     def hand(self, request: dict[str, Any]) -> bool:
-        """Give this standby its job; False when it is gone (it died while importing)."""
+        """Give this standby (or holder) its job; False when it is gone (it died while importing)."""
         try:
             self.channel.sendall((json.dumps(request) + "\n").encode())
             return True
         except OSError:
-            return False
-        finally:
             self.channel.close()
+            return False
 
-    def kill(self) -> None:
+    def message(self) -> dict[str, Any] | None:
+        """A message the process sent (its job done, a model held), once one is complete; None until then.
+        An empty dict: the channel closed (the process exits)."""
+        try:
+            chunk = self.channel.recv(65536)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            return {}
+        self.buffer += chunk
+        if not self.buffer.endswith(b"\n"):
+            return None
+        line, self.buffer = self.buffer, b""
+        return json.loads(line)
+
+    def kill(self, wait: bool = False) -> None:
+        """End the process (and its group); with ``wait``, until it is gone (its GPU memory freed)."""
         self.channel.close()
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
+        if wait:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
 
 
 def _standby_main(gpus: str | None, channel: socket.socket) -> int:
@@ -440,14 +477,92 @@ def _standby_main(gpus: str | None, channel: socket.socket) -> int:
         failed = traceback.format_exc()
     with channel.makefile("rb") as reader:
         line = reader.readline()
-    if not line:
-        return 0  # the server retired this standby before any job came
-    request = json.loads(line)
-    if failed:
-        with contextlib.suppress(OSError), open(request["log"], "a") as job_log:
-            job_log.write(f"worker: the standby's imports failed; running the job in its own process instead\n{failed}")
-        return CANNOT_RUN_HERE
-    return _child(request)
+        if not line:
+            return 0  # the server retired this standby before any job came
+        request = json.loads(line)
+        if failed:
+            with contextlib.suppress(OSError), open(request["log"], "a") as job_log:
+                job_log.write(f"worker: the standby's imports failed; running the job in its own process instead\n{failed}")
+            return CANNOT_RUN_HERE
+        code = _child(request)
+        key = handoff.held_key()
+        if code != 0 or key is None:
+            return code
+        # the job is done and this process holds its cell's model: say so, and wait for the job that takes it
+        with contextlib.suppress(OSError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        channel.sendall((json.dumps({"done": 0, "holding": key}) + "\n").encode())
+        line = reader.readline()
+        if not line:
+            return 0  # the server ended the hold
+        code = _child(json.loads(line))
+        handoff.drop()
+        return code
+
+
+def _names_gpus(gpus: str | None) -> bool:
+    """Whether a job's CUDA_VISIBLE_DEVICES value makes GPUs visible (a GPU set) rather than none (CPU jobs)."""
+    return gpus is not None and gpus.strip() not in ("", "-1")
+
+
+class _Holders:
+    """The processes that hold a cell's model (``vlmsens.handoff``), per GPU set, and when each must end.
+
+    A set that names GPUs keeps one: a GPU holds at most one held model, and any job for it that does
+    not take that model ends it first. CPU jobs' sets keep up to ``per_cpu_set`` (host memory bounds
+    them), and other jobs leave them be. ``hold_s`` seconds without a job that takes it end any holder.
+    Objects held need ``gpus``, ``pid``, ``holding`` (the handoff key) and ``since``.
+    """
+
+    def __init__(self, per_cpu_set: int, hold_s: float):
+        self.per_cpu_set, self.hold_s = per_cpu_set, hold_s
+        self._by_set: dict[str | None, list[Any]] = {}
+
+    def add(self, holder, now: float) -> list[Any]:
+        """Hold ``holder`` from ``now``; returns those it displaces (to end)."""
+        held = self._by_set.setdefault(holder.gpus, [])
+        holder.since = now
+        held.append(holder)
+        keep = 1 if _names_gpus(holder.gpus) else self.per_cpu_set
+        displaced = held[:-keep]
+        del held[:-keep]
+        return displaced
+
+    def take(self, gpus: str | None, key: str | None) -> Any:
+        """The holder of the model ``key`` names for this set, no longer held; None when none holds it."""
+        held = self._by_set.get(gpus, [])
+        holder = next((h for h in held if key and h.holding == key), None)
+        if holder is not None:
+            held.remove(holder)
+        return holder
+
+    def before_other_job(self, gpus: str | None) -> list[Any]:
+        """Before a job that takes no held model runs on ``gpus``: the holders to end first."""
+        if not _names_gpus(gpus):
+            return []
+        return self._by_set.pop(gpus, [])
+
+    def expired(self, now: float) -> list[Any]:
+        out = [h for held in self._by_set.values() for h in held if now - h.since > self.hold_s]
+        for holder in out:
+            self._by_set[holder.gpus].remove(holder)
+        return out
+
+    def gone(self, pid: int) -> Any:
+        """The holder with ``pid`` (it exited), no longer held; None when no holder had it."""
+        for held in self._by_set.values():
+            for holder in held:
+                if holder.pid == pid:
+                    held.remove(holder)
+                    return holder
+        return None
+
+    def all(self) -> list[Any]:
+        return [h for held in self._by_set.values() for h in held]
+
+    def describe(self) -> dict[str, list[list[Any]]]:
+        return {str(gpus): [[h.pid, h.holding] for h in held] for gpus, held in self._by_set.items() if held}
 
 
 def _job_exit(status: int, log_path: str) -> tuple[int, str]:
@@ -492,7 +607,8 @@ def serve(address: str, expected: str, idle_s: float) -> int:
     inode = os.stat(address).st_ino
     standbys: dict[str | None, list[_Standby]] = {}
     n_standbys = max(1, int(os.environ.get(STANDBYS_ENV, DEFAULT_STANDBYS)))
-    running: dict[int, tuple[socket.socket, dict[str, Any]]] = {}
+    running: dict[int, tuple[socket.socket, dict[str, Any], _Standby]] = {}
+    holders = _Holders(per_cpu_set=n_standbys, hold_s=float(os.environ.get(HOLD_ENV, DEFAULT_HOLD_S)))
     last_activity = time.monotonic()
     log.info("serving at %s; exits after %.0f s without a job", address, idle_s)
 
@@ -510,7 +626,8 @@ def serve(address: str, expected: str, idle_s: float) -> int:
         op = request.get("op")
         if op == "ping":
             _answer(conn, {"fingerprint": expected, "pid": os.getpid(),
-                           "standbys": {str(gpus): [sb.pid for sb in waiting] for gpus, waiting in standbys.items()}})
+                           "standbys": {str(gpus): [sb.pid for sb in waiting] for gpus, waiting in standbys.items()},
+                           "holders": holders.describe()})
         elif op == "retire":
             os.kill(os.getpid(), signal.SIGUSR1)
             _answer(conn, {"retiring": True})
@@ -523,13 +640,21 @@ def serve(address: str, expected: str, idle_s: float) -> int:
             _answer(conn, {"standbys": [sb.pid for sb in waiting]})
         else:
             gpus = request["env"].get("CUDA_VISIBLE_DEVICES")
+            conn.settimeout(None)
+            holder = holders.take(gpus, request.get("take"))
+            if holder is not None and holder.hand(request):
+                log.info("job for GPUs %r runs in holder %d, which holds its cell's model", gpus, holder.pid)
+                running[holder.pid] = (conn, request, holder)
+                return
+            for holder in holders.before_other_job(gpus):  # their GPU memory is free before the job starts
+                log.info("ending holder %d for GPUs %r: the next job does not take its model", holder.pid, gpus)
+                holder.kill(wait=True)
             waiting = standbys.setdefault(gpus, [])
             standby = waiting.pop(0) if waiting else _Standby(gpus)  # the oldest: the likeliest to be ready
             if not standby.hand(request):
                 standby = _Standby(gpus)
                 standby.hand(request)
-            conn.settimeout(None)
-            running[standby.pid] = (conn, request)
+            running[standby.pid] = (conn, request, standby)
             while not retire and len(waiting) < n_standbys:
                 waiting.append(_Standby(gpus))  # imports for the next jobs while this one runs
             return
@@ -543,8 +668,12 @@ def serve(address: str, expected: str, idle_s: float) -> int:
                 return
             if pid == 0:
                 return
+            gone = holders.gone(pid)
+            if gone is not None:
+                log.warning("holder %d for GPUs %r exited (status %d)", pid, gone.gpus, status)
+                gone.channel.close()
             if pid in running:
-                conn, request = running.pop(pid)
+                conn, request, _ = running.pop(pid)
                 if os.WIFEXITED(status) and os.WEXITSTATUS(status) == CANNOT_RUN_HERE:
                     _answer(conn, {"error": "the worker cannot run this job here (see the job log)"})
                 else:
@@ -560,7 +689,7 @@ def serve(address: str, expected: str, idle_s: float) -> int:
 
     def dropped() -> None:
         """A job whose connection closed was killed (Ctrl-C, a scheduler): its process goes too."""
-        by_conn = {conn: pid for pid, (conn, _) in running.items()}
+        by_conn = {conn: pid for pid, (conn, _, _) in running.items()}
         if not by_conn:
             return
         readable, _, _ = select.select(list(by_conn), [], [], 0)
@@ -571,6 +700,34 @@ def serve(address: str, expected: str, idle_s: float) -> int:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(by_conn[conn], signal.SIGKILL)
 
+    def messages() -> None:
+        """Running jobs whose process says its job is done and it holds the cell's model: answered, and held."""
+        by_channel = {sb.channel: pid for pid, (_, _, sb) in running.items() if sb.channel.fileno() >= 0}
+        if not by_channel:
+            return
+        readable, _, _ = select.select(list(by_channel), [], [], 0)
+        for channel in readable:
+            pid = by_channel[channel]
+            conn, request, standby = running[pid]
+            message = standby.message()
+            if message is None:
+                continue
+            if not message.get("holding"):
+                standby.channel.close()  # closed: the process exits, and reap() answers its job
+                continue
+            del running[pid]
+            _answer(conn, {"exit": 0, "status": "exit status 0 (its process stays, holding the cell's model)", "pid": pid})
+            conn.close()
+            standby.holding = message["holding"]
+            for previous in holders.add(standby, time.monotonic()):
+                previous.kill(wait=True)
+
+    def expire() -> None:
+        for holder in holders.expired(time.monotonic()):
+            log.info("ending holder %d for GPUs %r: no job took its model within %.0f s", holder.pid, holder.gpus,
+                     holders.hold_s)
+            holder.kill(wait=True)
+
     try:
         while True:
             readable, _, _ = select.select([listener], [], [], 0.2)
@@ -578,8 +735,10 @@ def serve(address: str, expected: str, idle_s: float) -> int:
                 conn, _ = listener.accept()
                 last_activity = time.monotonic()
                 take(conn)
+            messages()
             dropped()
             reap()
+            expire()
             if running:
                 last_activity = time.monotonic()
             try:
@@ -596,6 +755,8 @@ def serve(address: str, expected: str, idle_s: float) -> int:
         for waiting in standbys.values():
             for standby in waiting:
                 standby.kill()
+        for holder in holders.all():
+            holder.kill()
         # A retired server lets its running jobs finish (and answers them) before it exits.
         while running:
             dropped()
