@@ -32,7 +32,7 @@ same search state (``take``: the cell's validation) runs in the holder, without 
 restoring the model again. Where the set names GPUs, any other job for it ends the holder first (its
 GPU memory is free before the next job starts), so a GPU holds at most one held model; CPU jobs
 (no GPU visible) keep up to ``VLMSENS_WORKER_STANDBYS`` holders. ``VLMSENS_WORKER_HOLD_S`` seconds
-(default 120) without a job that takes its model end a holder too.
+(default 30) without a job that takes its model end a holder too.
 
 ``VLMSENS_WORKER=0`` runs every job in its own process as before; under SLURM (``SLURM_JOB_ID``)
 each job is its own allocation, so jobs always run in-process there.
@@ -67,7 +67,9 @@ IDLE_ENV = "VLMSENS_WORKER_IDLE_S"
 START_TIMEOUT_ENV = "VLMSENS_WORKER_START_S"
 STANDBYS_ENV = "VLMSENS_WORKER_STANDBYS"
 HOLD_ENV = "VLMSENS_WORKER_HOLD_S"
-DEFAULT_HOLD_S = 120.0
+# A GPU job after the cell ends the holder at once; this bounds the wait only when none comes (a run
+# that asked for the cell alone): GPU memory held idle that long. Validations follow within seconds.
+DEFAULT_HOLD_S = 30.0
 # Two standbys per GPU set: a standby's imports take about 17 s (H100 host), longer than a small
 # cell, so with one the next job often waited for the rest of them (bench/RESULTS.md).
 DEFAULT_STANDBYS = 2
