@@ -175,19 +175,25 @@ def _name_of(recipe, mapping) -> str:
     return str(recipe)
 
 
-def load_spec_model(spec: CellSpec, clock: PhaseClock):
-    """The cell's checkpoint on its device, seeded, in eval mode: (model, device, dtype)."""
+def job_device(spec: CellSpec):
+    """The (device, dtype) a cell's model runs on, set up as a job starts with it: the spec checked,
+    torch seeded, the peak-memory count restarted."""
     import torch
 
     spec.validate()
     device = pick_device(spec.device)
-    dtype = dtype_for(device)
     torch.manual_seed(spec.seed)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         # cuDNN's SDPA backend plans every new shape on the host (about 5 ms a call); ragged
         # batches and vision windows make most calls new shapes (docs/DESIGN.md, "Speed").
         torch.backends.cuda.enable_cudnn_sdp(False)
+    return device, dtype_for(device)
+
+
+def load_spec_model(spec: CellSpec, clock: PhaseClock):
+    """The cell's checkpoint on its device, seeded, in eval mode: (model, device, dtype)."""
+    device, dtype = job_device(spec)
     clock.enter("load", spec.checkpoint)
     return load_model(spec.checkpoint, device, vision_attention=spec.vision_attention, kernels=spec.kernels), device, dtype
 

@@ -47,6 +47,7 @@ from .autoquant import (
     device_batches,
     device_memory_budget,
     inference_batch_size,
+    job_device,
     load_spec_model,
     recipes_by_name,
     search,
@@ -56,7 +57,6 @@ from .config import ValidationSettings
 from .errors import VlmsensError
 from .families import TOWERS, VISION_PATTERNS
 from .formats import ranking_format
-from .models import dtype_for, pick_device
 from .prefix_reuse import TextPrefixReuse
 from .recipes import CostModel, bits_of, cost_model
 from .vision_reuse import VisionFeatures
@@ -689,20 +689,17 @@ class HeldOutModel:
 
 def from_cell_process(spec: CellSpec, model):
     """The cell's search model as the held-out jobs use it: (model, device, dtype), in eval mode, the
-    cell's leftovers (gradients, cached blocks) released and the peak-memory count restarted."""
+    cell's leftovers (gradients, cached blocks) released before the job's device set-up
+    (``autoquant.job_device``: seeded, peak-memory count restarted), as a loaded model gets it."""
     import gc
 
     import torch
 
-    device = pick_device(spec.device)
-    torch.manual_seed(spec.seed)
     model.eval()
     model.zero_grad(set_to_none=True)
     gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    return model, device, dtype_for(device)
+    torch.cuda.empty_cache()  # a no-op where CUDA never started
+    return (model, *job_device(spec))
 
 
 def run_validation(
