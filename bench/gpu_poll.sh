@@ -16,6 +16,7 @@ for g in "$S"/grid*/; do [ -d "$g" ] && mkdir -p "$OUT/$(basename "$g")" && cp "
   # the jobs' logs (phase times) and benchmark records, in one file: the device call may end before the run does
   [ -d "$g/results/logs" ] && tar czf "$OUT/$(basename "$g")/jobs.tgz" -C "$g/results" logs/autoquant logs/validate logs/recipes benchmarks 2>/dev/null
 done
+cp /tmp/vlmsens-"$(id -u)"/*.log "$OUT/" 2>/dev/null  # the worker servers' logs: each standby's import time
 if ! grep -q '^== done' "$S/session.log"; then  # still running: what the grid has so far
   for g in "$S"/grid*/; do [ -f "$g/runs.json" ] || [ -d "$g/results/benchmarks" ] && python3 bench/grid_bench.py summary \
     --workdir "$g" --out "$OUT/partial-$(basename "$g")" | tail -40; done

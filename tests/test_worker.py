@@ -155,12 +155,15 @@ def test_a_gpu_holds_one_model_and_any_other_job_ends_it_first():
     assert holders.expired(now=13) == [other_gpu] and holders.expired(now=15.5) == [cpu[2]] and holders.all() == []
 
 
-def test_a_child_starts_with_modelopt_imported(address, tmp_path):
+def test_a_child_starts_with_modelopt_imported_and_frozen(address, tmp_path):
     import worker_jobs
 
     out = tmp_path / "modules.json"
     assert worker.run_job(address, worker_jobs.report, {"out": str(out)}, log_path=str(tmp_path / "a.log"), prefix="t", threads=1) == 0
-    assert json.loads(out.read_text())["modelopt_preloaded"]
+    ran = json.loads(out.read_text())
+    assert ran["modelopt_preloaded"]
+    # the imports' objects are out of the job's garbage collections (torch, transformers and ModelOpt: >100,000)
+    assert ran["frozen_objects"] > 100_000
     probe = subprocess.run([sys.executable, "-c", "import sys; print('modelopt.torch.quantization' in sys.modules)"],
                            capture_output=True, text=True)
     assert probe.stdout.strip() == "False"  # a fresh interpreter has not

@@ -16,13 +16,16 @@ log = logging.getLogger("worker_jobs")
 def report(out: str, progress=log.info) -> None:
     import sys
 
+    import gc
+
     preloaded = "modelopt.torch.quantization" in sys.modules
     import torch
 
     progress(f"job running in pid {os.getpid()}")
     with open(out, "w") as fh:
         json.dump({"pid": os.getpid(), "ppid": os.getppid(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                   "threads": torch.get_num_threads(), "modelopt_preloaded": preloaded}, fh)
+                   "threads": torch.get_num_threads(), "modelopt_preloaded": preloaded,
+                   "frozen_objects": gc.get_freeze_count()}, fh)
 
 
 def fail_clearly(progress=log.info) -> None:

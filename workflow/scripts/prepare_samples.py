@@ -1,12 +1,15 @@
-import torch
-
-from vlmsens.cell import prepare_samples
 from vlmsens.gpupool import warm_gpu_worker
-from vlmsens.logs import run_job
+
+# first: the GPU jobs wait for these samples, and their worker imports meanwhile (before torch here)
+warm_gpu_worker(snakemake)
+
+import torch  # noqa: E402
+
+from vlmsens.cell import prepare_samples  # noqa: E402
+from vlmsens.logs import run_job  # noqa: E402
 
 w = snakemake.wildcards
 torch.set_num_threads(snakemake.threads)
-warm_gpu_worker(snakemake)  # the GPU jobs wait for these samples: their worker imports meanwhile
 run_job(
     snakemake, f"{snakemake.rule} {w.model}/{w.scope}/{getattr(w, 'size', 'held-out')}", prepare_samples,
     checkpoint=snakemake.params.checkpoint, calib_db=snakemake.input.db, coco_root=snakemake.params.coco_root,
