@@ -14,9 +14,8 @@ log = logging.getLogger("worker_jobs")
 
 
 def report(out: str, progress=log.info) -> None:
-    import sys
-
     import gc
+    import sys
 
     preloaded = "modelopt.torch.quantization" in sys.modules
     import torch
