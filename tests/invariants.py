@@ -139,6 +139,17 @@ def check_validation(doc: dict[str, Any], manifest: dict[str, Any]) -> None:
     assert recordings["on_device"] + recordings["on_host"] == ev["batches"] * text_layers
     if not doc["device"]["device"].startswith("cuda"):
         assert recordings["on_device"] == 0
+    # the vision blocks likewise, where the cell searched vision groups: each recomputed tower ran every
+    # block of each batch or skipped a prefix; an lm-only cell records and recomputes none
+    blocks = ev["vision_block_recordings"]
+    recorded = blocks["on_device"] + blocks["on_host"]
+    assert 0 <= ev["vision_block_forwards_skipped"] <= ev["vision_block_forwards"]
+    if any(g["tower"] == "vision" for g in manifest["groups"]):
+        depth = recorded // ev["batches"]
+        assert depth >= 1 and recorded == depth * ev["batches"]
+        assert ev["vision_block_forwards"] % recorded == 0 and ev["vision_block_forwards"] > 0  # the uniform recipe recomputes it
+    else:
+        assert recorded == 0 and ev["vision_block_forwards"] == 0
 
 
 def check_interval(value: float | None, interval: list[float], doc: dict[str, Any]) -> None:

@@ -935,3 +935,67 @@ def test_reused_text_prefix_measures_what_a_full_forward_does(family, tiny_check
         for hook in hooks:
             hook.remove()
         switch.apply({})
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_reused_vision_blocks_measure_what_a_full_tower_does(family, tiny_checkpoints, dbs, demo_coco, tmp_path):
+    """Vision blocks before the first quantized one, replayed from the BF16 reference (vlmsens.vision_reuse),
+    give the KL, loss and per-sample values of a full forward (rel 1e-5) without computing those blocks.
+    Quantized mergers alone skip every block, Qwen3-VL's deepstack mergers then reading their blocks'
+    recorded outputs; a module of the tower outside its blocks and mergers skips none."""
+    from vlmsens.validation import Evaluator, HeldOutModel
+
+    layers, switch, search_evaluator = _calibrated_search_model(tiny_checkpoints[family], family, dbs, demo_coco, tmp_path,
+                                                                 "all-layers", "image+caption")
+    evaluator = Evaluator(search_evaluator.model, search_evaluator.batches, record_vision_blocks=True)
+    blocks = evaluator.vision.blocks
+    assert blocks.supported and blocks.name == "model.visual"
+    n, n_batches = blocks.n_layers, len(evaluator.batches)
+    assert n == 2 and n_batches > 1
+    assert blocks.taps == ({0} if family == "qwen3_vl" else set())  # the block feeding the deepstack merger
+    in_block = {b: [layer for layer in layers if layer.startswith(f"model.visual.blocks.{b}.")] for b in range(n)}
+    mergers = [layer for layer in layers if layer.startswith(("model.visual.merger.", "model.visual.deepstack_merger_list."))]
+    deepstack = [layer for layer in mergers if "deepstack" in layer]
+    assert all(in_block.values()) and mergers and bool(deepstack) == (family == "qwen3_vl")
+    assert blocks.start_block(["model.visual.patch_embed.proj", in_block[1][0]]) == 0  # changes every block's input
+    assert blocks.start_block(["model.language_model.layers.0.mlp.down_proj", "lm_head"]) == n  # outside the tower
+    held_out = HeldOutModel.__new__(HeldOutModel)
+    held_out.switch, held_out.evaluator, held_out.measured = switch, evaluator, 0
+    held_out.vision_layers = {layer for layer in layers if layer.startswith("model.visual.")}
+    held_out.group_modules = {layer: [layer] for layer in layers}
+
+    computed = [0] * n
+    hooks = [block.mlp.register_forward_pre_hook(lambda *_, i=i: computed.__setitem__(i, computed[i] + 1))
+             for i, block in enumerate(blocks.layers)]
+    try:
+        switch.apply({})
+        evaluator.vision_bf16 = True
+        evaluator.set_reference()
+        assert computed == [n_batches] * n
+        assert sum(blocks.recording_counts().values()) == n * n_batches
+        # the earliest quantized vision group decides; each case quantizes a text group too (recomputed anyway)
+        text_group = next(layer for layer in layers if layer.startswith("model.language_model.layers."))
+        cases = {"block 0": (0, in_block[0]), "block 1": (1, [in_block[1][0]]), "mergers": (n, mergers)}
+        if deepstack:
+            cases["deepstack merger"] = (n, deepstack)
+        for case, (start, quantized) in cases.items():
+            selection = dict.fromkeys([*quantized, text_group], "wint8_aint8")
+            computed[:] = [0] * n
+            skipped_before = evaluator.vision.block_forwards_skipped
+            reused = held_out.measure(selection)
+            assert not evaluator.vision_bf16 and evaluator.vision_start == start, case
+            assert computed == [0] * start + [n_batches] * (n - start), (case, computed)
+            assert evaluator.vision.block_forwards_skipped - skipped_before == start * n_batches
+            assert all("forward" not in block.__dict__ for block in blocks.layers)  # the blocks' own forward is back
+            evaluator.vision_start = 0
+            computed[:] = [0] * n
+            full = evaluator.measure()
+            assert computed == [n_batches] * n
+            assert reused["kl"] > 0, case
+            assert without_per_sample(reused) == pytest.approx(without_per_sample(full), rel=1e-5, abs=1e-12), case
+            for m in ("kl", "loss_increase"):
+                assert reused["per_sample"][m] == pytest.approx(full["per_sample"][m], rel=1e-5, abs=1e-12), (case, m)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        switch.apply({})

@@ -1,14 +1,17 @@
-"""The BF16 text decoder layers' outputs per batch, recorded once and reused up to the first quantized layer.
+"""A stack of layers' BF16 outputs per batch, recorded once and reused up to the first quantized layer.
 
-A configuration whose earliest quantized group sits in text layer b (its vision tower BF16)
-computes in layers 0..b-1 exactly what the BF16 reference computed, so validation need not run
-them again: during the reference pass every text layer's output is recorded (GBs at full size: on
-the GPU while a memory budget holds them, on the host beyond it), and while a configuration is
-measured layer b-1 hands back its recorded output and the layers before it hand back their input
-unchanged (a value layer b-1 then ignores). The model's own forward still runs around them, so rotary embeddings, masks and
-Qwen3-VL's deepstack additions after the first layers are applied by transformers as shipped; the
-recorded output is the layer's own (a forward hook's), before any such addition, so what the
-model adds after layer b-1 it adds as in the reference.
+The stacks are the text decoder layers (:class:`TextPrefixReuse`) and the vision tower's blocks
+(``vlmsens.vision_reuse``). A configuration whose earliest quantized group sits in layer b of a
+stack (and nothing quantized before the stack) computes in layers 0..b-1 exactly what the BF16
+reference computed, so validation need not run them again: during the reference pass every
+layer's output is recorded (GBs at full size: on the GPU while a memory budget holds them, on the
+host beyond it), and while a configuration is measured layer b-1 hands back its recorded output and
+the layers before it hand back their input unchanged (a value layer b-1 then ignores). The model's
+own forward still runs around them, so rotary embeddings, masks and Qwen3-VL's deepstack additions
+after the first text layers are applied by transformers as shipped; the recorded output is the
+layer's own (a forward hook's), before any such addition, so what the model adds after layer b-1 it
+adds as in the reference. A layer whose output is also read outside the stack (Qwen3-VL's vision
+blocks that feed its deepstack mergers) hands back its own recorded output when skipped.
 """
 
 from __future__ import annotations
@@ -37,12 +40,17 @@ def _hidden_states(args: tuple, kwargs: dict):
     return args[0] if args else kwargs["hidden_states"]
 
 
-class TextPrefixReuse:
-    """Each text layer's BF16 output per batch (by a key the caller keeps per batch), and the skip of a prefix of layers.
+class LayerPrefixReuse:
+    """Each output of a stack of layers run one after another, per batch (by a key the caller keeps
+    per batch), recorded in a reference pass, and the skip of a prefix of the stack.
 
-    ``supported`` is false when the decoder layers cannot be found or do not return a bare tensor
-    (older transformers returned tuples); nothing is then recorded or skipped. The layers' own
-    ``forward`` is replaced only inside :meth:`skipping`, so calibration and the search never see it.
+    ``supported`` is false when there is no stack or a layer does not return a bare tensor (older
+    transformers returned tuples); nothing is then recorded or skipped. The layers' own ``forward``
+    is replaced only inside :meth:`skipping`, so calibration and the search never see it.
+
+    ``taps``: the layers whose outputs the model also reads outside the stack (Qwen3-VL's vision
+    tower hands some blocks' outputs to its deepstack mergers); skipped, they hand back their recorded
+    output, not their input, so what reads them gets what the reference got.
 
     ``device_budget_bytes``: how much GPU memory the process may reserve in all; recordings stay on
     the GPU while the caching allocator's reserved memory plus the recording fits it (the forwards
@@ -50,34 +58,16 @@ class TextPrefixReuse:
     beyond. None: every recording goes to the host.
     """
 
-    def __init__(self, model, vision_patterns: tuple[str, ...] = VISION_PATTERNS, device_budget_bytes: float | None = None):
-        found = text_layers(model, vision_patterns)
-        self.name, self.layers = found if found is not None else ("", None)
-        self.vision_patterns = vision_patterns
-        self.supported = found is not None
+    def __init__(self, layers, device_budget_bytes: float | None = None, taps: Iterable[int] = ()):
+        self.layers = layers if layers is not None and len(layers) else None
+        self.supported = self.layers is not None
+        self.taps = frozenset(taps)
         self.device_budget_bytes = device_budget_bytes
         self._outputs: dict[Any, list[Any]] = {}
 
     @property
     def n_layers(self) -> int:
         return len(self.layers) if self.supported else 0
-
-    def start_layer(self, quantized_modules: Iterable[str]) -> int:
-        """The first text layer whose output a configuration quantizing these modules (groups' names count too) changes.
-
-        Every layer when only the head is quantized (or nothing); 0 for a module outside the
-        decoder layers that is not the head (vision tower, embeddings), which changes every layer's input.
-        """
-        start = self.n_layers
-        prefix = f"{self.name}."
-        for name in quantized_modules:
-            if tower_of(name, self.vision_patterns) == "head":
-                continue
-            index = block_index(name) if name.startswith(prefix) else None
-            if index is None:
-                return 0
-            start = min(start, index)
-        return start
 
     def has(self, key: Any) -> bool:
         return key in self._outputs
@@ -101,7 +91,7 @@ class TextPrefixReuse:
 
     @contextlib.contextmanager
     def recording(self, key: Any) -> Iterator[None]:
-        """Record every text layer's output of the forward run inside, as batch ``key``'s."""
+        """Record every layer's output of the forward run inside, as batch ``key``'s."""
         import torch
 
         if not self.supported:
@@ -137,7 +127,7 @@ class TextPrefixReuse:
 
     @contextlib.contextmanager
     def skipping(self, key: Any, start: int) -> Iterator[int]:
-        """Run the forward inside with text layers 0..start-1 not computing; yields how many are skipped.
+        """Run the forward inside with layers 0..start-1 not computing; yields how many are skipped.
 
         Only valid when those layers compute what they computed when batch ``key`` was recorded.
         """
@@ -145,25 +135,28 @@ class TextPrefixReuse:
         if start <= 0:
             yield 0
             return
-        recorded = self._outputs[key][start - 1]
+        recorded = self._outputs[key]
 
-        # cheaper than replaying each: what the layers before b-1 return (and what the model adds to
-        # it, e.g. Qwen3-VL's deepstack features) only feeds layer b-1, which ignores its input
+        # cheaper than replaying each: what the layers before start-1 return (and what the model adds
+        # to it, e.g. Qwen3-VL's deepstack features) only feeds layer start-1, which ignores its input;
+        # a tapped layer's output is read elsewhere too, so it replays its own
         def pass_through(*args, **kwargs):
             return _hidden_states(args, kwargs)
 
-        def replay(*args, **kwargs):
-            hidden = _hidden_states(args, kwargs)
-            if hidden.shape != recorded.shape:
-                raise VlmsensError(f"text layer {start - 1}'s recorded output {tuple(recorded.shape)} does not fit "
-                                   f"the batch {tuple(hidden.shape)}: recorded for another batch")
-            return recorded.to(hidden.device, hidden.dtype, non_blocking=True)
+        def replay_of(index: int):
+            def replay(*args, **kwargs):
+                hidden, output = _hidden_states(args, kwargs), recorded[index]
+                if hidden.shape != output.shape:
+                    raise VlmsensError(f"layer {index}'s recorded output {tuple(output.shape)} does not fit "
+                                       f"the batch {tuple(hidden.shape)}: recorded for another batch")
+                return output.to(hidden.device, hidden.dtype, non_blocking=True)
+            return replay
 
         patched = list(self.layers)[:start]
         saved = [layer.__dict__.get("forward") for layer in patched]
         try:
             for i, layer in enumerate(patched):
-                layer.forward = replay if i == start - 1 else pass_through
+                layer.forward = replay_of(i) if i == start - 1 or i in self.taps else pass_through
             yield start
         finally:
             for layer, forward in zip(patched, saved, strict=True):
@@ -171,3 +164,30 @@ class TextPrefixReuse:
                     del layer.forward
                 else:
                     layer.forward = forward
+
+
+class TextPrefixReuse(LayerPrefixReuse):
+    """The language model's decoder layers as a :class:`LayerPrefixReuse`, and where a configuration's changes start."""
+
+    def __init__(self, model, vision_patterns: tuple[str, ...] = VISION_PATTERNS, device_budget_bytes: float | None = None):
+        found = text_layers(model, vision_patterns)
+        self.name = found[0] if found is not None else ""
+        self.vision_patterns = vision_patterns
+        super().__init__(found[1] if found is not None else None, device_budget_bytes)
+
+    def start_layer(self, quantized_modules: Iterable[str]) -> int:
+        """The first text layer whose output a configuration quantizing these modules (groups' names count too) changes.
+
+        Every layer when only the head is quantized (or nothing); 0 for a module outside the
+        decoder layers that is not the head (vision tower, embeddings), which changes every layer's input.
+        """
+        start = self.n_layers
+        prefix = f"{self.name}."
+        for name in quantized_modules:
+            if tower_of(name, self.vision_patterns) == "head":
+                continue
+            index = block_index(name) if name.startswith(prefix) else None
+            if index is None:
+                return 0
+            start = min(start, index)
+        return start

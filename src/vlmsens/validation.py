@@ -508,6 +508,10 @@ class Evaluator:
     While ``vision_bf16`` is set (the caller's promise that the configuration quantizes no vision
     group), the vision tower's output is reused from the first such forward instead of recomputed
     (``vlmsens.vision_reuse``); off by default, so a caller that does not track towers recomputes.
+    With ``record_vision_blocks``, that first forward records the tower's block outputs too, and
+    while it is not set a recomputed tower skips its blocks before ``vision_start`` (the caller's
+    promise that the configuration quantizes nothing in the tower before that block,
+    ``VisionBlockReuse.start_block``; 0 by default: nothing skipped).
     While it is set, text layers before ``text_start`` (the caller's promise that the configuration
     quantizes nothing before that text layer, ``TextPrefixReuse.start_layer``) are not computed:
     the BF16 reference pass recorded their outputs (``vlmsens.prefix_reuse``). ``text_start`` is 0
@@ -516,14 +520,16 @@ class Evaluator:
     """
 
     def __init__(self, model, batches: list[dict], vision_patterns: tuple[str, ...] = VISION_PATTERNS,
-                 device_budget_bytes: float | None = None):
+                 device_budget_bytes: float | None = None, record_vision_blocks: bool = False):
         self.batches = batches
         self._reuse_settings = (vision_patterns, device_budget_bytes)
+        self.record_vision_blocks = record_vision_blocks
         self.model = model
         self.reference = None
         self.tokens: list[int] = []
         self.vision_bf16 = False
         self.text_start = 0
+        self.vision_start = 0
         self.text_layer_forwards = self.text_layer_forwards_skipped = 0
 
     @property
@@ -535,7 +541,8 @@ class Evaluator:
         """The model measured; another one (the export check's reloaded checkpoint) is compared with the
         same reference, but gets its own image features, geometry and text-layer records."""
         self._model = model
-        self.vision = VisionFeatures(model)
+        self.vision = VisionFeatures(model, self._reuse_settings[1])
+        self.vision.record_blocks = self.record_vision_blocks
         self.prefix = TextPrefixReuse(model, *self._reuse_settings)
 
     @model.deleter
@@ -550,7 +557,7 @@ class Evaluator:
         start = self.text_start if self.vision_bf16 and not reference else 0
         with torch.inference_mode():
             for index, batch in enumerate(self.batches):
-                inputs = self.vision.inputs(index, batch, reuse=self.vision_bf16)
+                inputs = self.vision.inputs(index, batch, reuse=self.vision_bf16, start_block=self.vision_start)
                 if reference:
                     with self.prefix.recording(index):
                         logits, targets = caption_logits(self.model, batch, inputs)
@@ -646,8 +653,9 @@ class HeldOutModel:
             clock.enter("restore", "the cell's calibrated quantizers, from its search state")
             model, _, _, _ = search(model, spec, [], clock, restore=search_state)
         self.switch = RecipeSwitch(model, spec.formats, [g["layer"] for g in manifest["groups"]])
-        self.evaluator = Evaluator(model, self.eval_batches, spec.family.vision_patterns, device_memory_budget(spec, self.device))
         self.vision_layers = {g["layer"] for g in manifest["groups"] if g["tower"] == "vision"}
+        self.evaluator = Evaluator(model, self.eval_batches, spec.family.vision_patterns, device_memory_budget(spec, self.device),
+                                   record_vision_blocks=bool(self.vision_layers))
         self.group_modules = {g["layer"]: [g["layer"], *g.get("modules", [])] for g in manifest["groups"]}
         self.measured = 0
         self._clock = clock
@@ -656,28 +664,35 @@ class HeldOutModel:
         """Measure the reference configuration (``selection``, all BF16 in effect); returns its loss."""
         self._clock.enter("reference", f"BF16 on {sum(int(b['input_ids'].shape[0]) for b in self.eval_batches)} held-out samples")
         self.switch.apply(selection)
+        self.evaluator.vision_bf16 = True  # the reference's image features (and block outputs) are the BF16 ones kept
         loss = self.evaluator.set_reference()
-        if self.evaluator.prefix.supported:
-            counts = self.evaluator.prefix.recording_counts()
-            self._clock.progress(f"reference: {counts['on_device'] + counts['on_host']} text-layer outputs recorded, "
-                                 f"{counts['on_device']} on the GPU, {counts['on_host']} on the host")
+        for what, reuse in (("vision-block", self.evaluator.vision.blocks), ("text-layer", self.evaluator.prefix)):
+            counts = reuse.recording_counts()
+            if counts["on_device"] + counts["on_host"]:
+                self._clock.progress(f"reference: {counts['on_device'] + counts['on_host']} {what} outputs recorded, "
+                                     f"{counts['on_device']} on the GPU, {counts['on_host']} on the host")
         return loss
 
     def measure(self, selection: dict[str, str]) -> dict[str, Any]:
         """KL to the reference and loss of ``selection`` (groups not named stay BF16), per sample too."""
         self.switch.apply(selection)
         self.evaluator.vision_bf16 = all(selection.get(layer, NO_QUANT) == NO_QUANT for layer in self.vision_layers)
-        self.evaluator.text_start = self.evaluator.prefix.start_layer(
-            module for layer, modules in self.group_modules.items() if selection.get(layer, NO_QUANT) != NO_QUANT
-            for module in modules)
+        quantized = [module for layer, modules in self.group_modules.items() if selection.get(layer, NO_QUANT) != NO_QUANT
+                     for module in modules]
+        self.evaluator.text_start = self.evaluator.prefix.start_layer(quantized)
+        self.evaluator.vision_start = self.evaluator.vision.blocks.start_block(quantized)
         self.measured += 1
         return self.evaluator.measure()
 
-    def reuse_record(self) -> dict[str, int]:
-        """How many text-layer forwards the measured configurations would run in full, and how many were skipped."""
+    def reuse_record(self) -> dict[str, Any]:
+        """How many text-layer and vision-block forwards the measured configurations would run in full,
+        how many were skipped, and where the reference's recordings went."""
+        vision = self.evaluator.vision
         return {"text_layer_forwards": self.evaluator.text_layer_forwards,
                 "text_layer_forwards_skipped": self.evaluator.text_layer_forwards_skipped,
-                "text_layer_recordings": self.evaluator.prefix.recording_counts()}
+                "text_layer_recordings": self.evaluator.prefix.recording_counts(),
+                "vision_block_forwards": vision.block_forwards, "vision_block_forwards_skipped": vision.block_forwards_skipped,
+                "vision_block_recordings": vision.blocks.recording_counts()}
 
     def run_record(self) -> dict[str, Any]:
         """Where and how long it ran: device, dtype, the kernels (vlmsens.kernels), the phases' times

@@ -108,7 +108,9 @@ def validation_doc(doc: dict[str, Any]):
         f"{doc['damage_measure']}; loss increase = caption loss of the quantized model minus BF16's. "
         f"{ev['configurations_measured']} quantized configurations measured" + (
             f"; {ev['text_layer_forwards_skipped']} of their {ev['text_layer_forwards']} text-layer forwards reused "
-            "from the BF16 reference (the layers before the first quantized one)." if ev.get("text_layer_forwards") else ".")
+            "from the BF16 reference (the layers before the first quantized one)" if ev.get("text_layer_forwards") else "") + (
+            f"; {ev['vision_block_forwards_skipped']} of the {ev['vision_block_forwards']} vision-block forwards of "
+            "recomputed towers reused likewise" if ev.get("vision_block_forwards") else "") + "."
     )
     intervals = doc.get("intervals")
     if intervals:
