@@ -852,6 +852,20 @@ def test_vision_geometry_made_once_gives_the_towers_own_features(family, tiny_ch
     assert geometry(Tower(), batch["image_grid_thw"]) is None
 
 
+def _same_as_full_forward(evaluator, start_attribute: str, computed: list[int], n_batches: int, reused: dict, case) -> None:
+    """Measured again with nothing skipped (``start_attribute`` 0), every layer computes each batch,
+    and the measurement with replayed layers (``reused``) equals this full forward's: damage, loss
+    and per-sample sums, relative 1e-5 (KL here is ~1e-6 nats/token; abs=1e-12 only lets an exact 0 match)."""
+    setattr(evaluator, start_attribute, 0)
+    computed[:] = [0] * len(computed)
+    full = evaluator.measure()
+    assert computed == [n_batches] * len(computed)
+    assert reused["kl"] > 0, case
+    assert without_per_sample(reused) == pytest.approx(without_per_sample(full), rel=1e-5, abs=1e-12), case
+    for m in ("kl", "loss_increase"):
+        assert reused["per_sample"][m] == pytest.approx(full["per_sample"][m], rel=1e-5, abs=1e-12), (case, m)
+
+
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 def test_reused_text_prefix_measures_what_a_full_forward_does(family, tiny_checkpoints, dbs, demo_coco, tmp_path):
     """Text layers before the first quantized one, replayed from the BF16 reference (vlmsens.prefix_reuse),
@@ -906,15 +920,7 @@ def test_reused_text_prefix_measures_what_a_full_forward_does(family, tiny_check
             assert computed == [0] * start + [n_batches] * (n - start), (start, computed)
             assert evaluator.text_layer_forwards_skipped - skipped_before == start * n_batches
             assert all("forward" not in layer.__dict__ for layer in prefix.layers)  # the layers' own forward is back
-            evaluator.text_start = 0
-            computed[:] = [0] * n
-            full = evaluator.measure()
-            assert computed == [n_batches] * n
-            assert reused["kl"] > 0, start
-            # relative 1e-5 (KL here is ~1e-6 nats/token; abs=1e-12 only lets an exact 0 match)
-            assert without_per_sample(reused) == pytest.approx(without_per_sample(full), rel=1e-5, abs=1e-12), start
-            for m in ("kl", "loss_increase"):
-                assert reused["per_sample"][m] == pytest.approx(full["per_sample"][m], rel=1e-5, abs=1e-12), (start, m)
+            _same_as_full_forward(evaluator, "text_start", computed, n_batches, reused, start)
 
         # all BF16: every layer replayed, no damage at all
         computed[:] = [0] * n
@@ -987,14 +993,7 @@ def test_reused_vision_blocks_measure_what_a_full_tower_does(family, tiny_checkp
             assert computed == [0] * start + [n_batches] * (n - start), (case, computed)
             assert evaluator.vision.block_forwards_skipped - skipped_before == start * n_batches
             assert all("forward" not in block.__dict__ for block in blocks.layers)  # the blocks' own forward is back
-            evaluator.vision_start = 0
-            computed[:] = [0] * n
-            full = evaluator.measure()
-            assert computed == [n_batches] * n
-            assert reused["kl"] > 0, case
-            assert without_per_sample(reused) == pytest.approx(without_per_sample(full), rel=1e-5, abs=1e-12), case
-            for m in ("kl", "loss_increase"):
-                assert reused["per_sample"][m] == pytest.approx(full["per_sample"][m], rel=1e-5, abs=1e-12), (case, m)
+            _same_as_full_forward(evaluator, "vision_start", computed, n_batches, reused, case)
     finally:
         for hook in hooks:
             hook.remove()
