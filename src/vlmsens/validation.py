@@ -522,7 +522,7 @@ class Evaluator:
     def __init__(self, model, batches: list[dict], vision_patterns: tuple[str, ...] = VISION_PATTERNS,
                  device_budget_bytes: float | None = None, record_vision_blocks: bool = False):
         self.batches = batches
-        self._reuse_settings = (vision_patterns, device_budget_bytes)
+        self.vision_patterns, self.device_budget_bytes = vision_patterns, device_budget_bytes
         self.record_vision_blocks = record_vision_blocks
         self.model = model
         self.reference = None
@@ -541,9 +541,9 @@ class Evaluator:
         """The model measured; another one (the export check's reloaded checkpoint) is compared with the
         same reference, but gets its own image features, geometry and text-layer records."""
         self._model = model
-        self.vision = VisionFeatures(model, self._reuse_settings[1])
+        self.vision = VisionFeatures(model, self.device_budget_bytes)
         self.vision.record_blocks = self.record_vision_blocks
-        self.prefix = TextPrefixReuse(model, *self._reuse_settings)
+        self.prefix = TextPrefixReuse(model, self.vision_patterns, self.device_budget_bytes)
 
     @model.deleter
     def model(self) -> None:

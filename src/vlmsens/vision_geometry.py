@@ -67,12 +67,16 @@ def geometry(visual, grid_thw) -> dict[str, Any] | None:
     return {k: v for k, v in out.items() if v is not None}
 
 
+def vision_tower(model):
+    """The model's vision tower (``model.model.visual`` in both families), or None."""
+    return getattr(getattr(model, "model", None), "visual", None)
+
+
 class BatchGeometry:
     """Each batch's geometry (by a key the caller keeps per batch), made on its first use."""
 
     def __init__(self, model):
-        inner = getattr(model, "model", None)
-        self.visual = getattr(inner, "visual", None)
+        self.visual = vision_tower(model)
         self._made: dict[Any, dict[str, Any] | None] = {}
 
     def of(self, key: Any, grid_thw) -> dict[str, Any]:

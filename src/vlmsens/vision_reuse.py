@@ -20,16 +20,11 @@ import inspect
 from typing import Any
 
 from .prefix_reuse import LayerPrefixReuse
-from .vision_geometry import BatchGeometry
+from .vision_geometry import BatchGeometry, vision_tower
 
 # The vision tower's modules that run after its blocks, on their outputs (Qwen2.5-VL's and Qwen3-VL's
 # patch mergers, Qwen3-VL's deepstack mergers): quantizing them changes no block's output.
 AFTER_BLOCKS = ("merger", "deepstack_merger_list")
-
-
-def _tower(model):
-    inner = getattr(model, "model", None)
-    return getattr(inner, "visual", None)
 
 
 class VisionBlockReuse(LayerPrefixReuse):
@@ -39,7 +34,7 @@ class VisionBlockReuse(LayerPrefixReuse):
     def __init__(self, model, device_budget_bytes: float | None = None):
         import torch
 
-        visual = _tower(model)
+        visual = vision_tower(model)
         blocks = getattr(visual, "blocks", None)
         self.name = next((name for name, module in model.named_modules() if module is visual), "") if visual is not None else ""
         super().__init__(blocks if isinstance(blocks, torch.nn.ModuleList) else None, device_budget_bytes,
