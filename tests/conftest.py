@@ -12,8 +12,11 @@ from pathlib import Path
 
 import pytest
 
-# Worker servers started by the tests' Snakemake runs exit soon after the last job, not 5 min later.
-os.environ.setdefault("VLMSENS_WORKER_IDLE_S", "20")
+# Worker servers started by the tests' Snakemake runs are retired when their test ends (the demo's
+# when the session does: its tests share it). Their idle time only bounds a server whose test was
+# killed; it must outlast any gap between a run's worker jobs on a loaded 2-core machine, where a
+# standby's imports take over 30 s (20 s was too short: a demo job found its server gone).
+os.environ.setdefault("VLMSENS_WORKER_IDLE_S", "120")
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
@@ -94,7 +97,39 @@ def fake_hub_snapshot(cache: Path, repo_id: str, model_type: str) -> Path:
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(sha)
     return fake_checkpoint(repo / "snapshots" / sha, model_type)
+# Workdirs whose Snakemake runs may have started a worker server; the shared ones outlive their test.
+_WORKER_WORKDIRS: set[Path] = set()
+_SHARED_WORKDIRS: set[Path] = set()
+
+
+def retire_workers(workdirs) -> None:
+    """Retire the worker servers of these workdirs' results folders (their standbys and holders end)."""
+    from vlmsens import worker
+
+    for workdir in map(Path, workdirs):
+        # the server's address comes from the results folder (``outdir``: results, results/demo, ...)
+        for outdir in [workdir, *workdir.glob("[!.]*/"), *workdir.glob("[!.]*/[!.]*/")]:
+            address = worker.address_for(outdir / ".locks" / "gpu")
+            if os.path.exists(address):
+                worker._ask(address, {"op": "retire"})
+
+
+@pytest.fixture(autouse=True)
+def _retire_test_workers():
+    yield
+    done = _WORKER_WORKDIRS - _SHARED_WORKDIRS
+    retire_workers(done)
+    _WORKER_WORKDIRS.difference_update(done)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _retire_shared_workers():
+    yield
+    retire_workers(_WORKER_WORKDIRS)
+
+
 def snakemake(workdir: Path, *args: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    _WORKER_WORKDIRS.add(Path(workdir))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run([SNAKEMAKE, *args], cwd=workdir, capture_output=True, text=True, env=env, timeout=3600)
     if check and proc.returncode != 0:
@@ -108,6 +143,7 @@ def demo_run(tmp_path_factory) -> tuple[Path, str]:
 
     Tests that change the run (rerunning a cell) leave it complete again: nothing left to do."""
     workdir = copy_workflow(tmp_path_factory.mktemp("demo"))
+    _SHARED_WORKDIRS.add(workdir)
     proc = snakemake(workdir, *DEMO, *CPU_DEMO)
     return workdir, proc.stdout + proc.stderr
 
