@@ -97,6 +97,8 @@ def fake_hub_snapshot(cache: Path, repo_id: str, model_type: str) -> Path:
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(sha)
     return fake_checkpoint(repo / "snapshots" / sha, model_type)
+
+
 # Workdirs whose Snakemake runs may have started a worker server; the shared ones outlive their test.
 _WORKER_WORKDIRS: set[Path] = set()
 _SHARED_WORKDIRS: set[Path] = set()
