@@ -111,9 +111,7 @@ def retire_workers(workdirs) -> None:
     for workdir in map(Path, workdirs):
         # the server's address comes from the results folder (``outdir``: results, results/demo, ...)
         for outdir in [workdir, *workdir.glob("[!.]*/"), *workdir.glob("[!.]*/[!.]*/")]:
-            address = worker.address_for(outdir / ".locks" / "gpu")
-            if os.path.exists(address):
-                worker._ask(address, {"op": "retire"})
+            worker.retire(worker.address_for(outdir / ".locks" / "gpu"))
 
 
 @pytest.fixture(autouse=True)

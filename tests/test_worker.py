@@ -28,8 +28,7 @@ def address(tmp_path_factory):
         mp.delenv("SLURM_JOB_ID", raising=False)
         address = worker.address_for(tmp_path_factory.mktemp("results"))
         yield address
-        worker._ask(address, {"op": "retire"})
-        worker._wait_gone(address, timeout=10)
+        worker.retire(address, wait_s=10)
 
 
 def _server_pid(address: str) -> int:

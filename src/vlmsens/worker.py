@@ -252,8 +252,7 @@ def _start_or_find(address: str, expected: str, start_timeout: float) -> None:
         return
     if answer is not None:
         log.info("worker: the running server was started for other code or settings; retiring it")
-        _ask(address, {"op": "retire"})
-        _wait_gone(address, timeout=30.0)
+        retire(address, wait_s=30.0)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(address)
     server_log = address.removesuffix(".sock") + ".log"
@@ -287,6 +286,14 @@ def _wait_gone(address: str, timeout: float) -> None:
     end = time.monotonic() + timeout
     while os.path.exists(address) and time.monotonic() < end:
         time.sleep(0.1)
+
+
+def retire(address: str, wait_s: float = 0.0) -> None:
+    """Ask the server at ``address``, if one listens, to retire (its standbys and holders end; running
+    jobs finish first), then wait up to ``wait_s`` for its socket to go (also when it did not answer:
+    a busy server may still be exiting)."""
+    _ask(address, {"op": "retire"})
+    _wait_gone(address, timeout=wait_s)
 
 
 def run_job(address: str, func, kwargs: dict[str, Any], *, log_path: str, prefix: str, threads: int,
